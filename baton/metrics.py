@@ -1,0 +1,72 @@
+"""Every Prometheus metric Baton exports, in one place (see docs/metrics.md).
+
+Each component builds its metrics on its own CollectorRegistry, so several components can live in
+one process (tests) and each worker serves only its own series. Names follow DESIGN §6: prefix
+`baton_`, Prometheus units in the name, labels model / role / worker.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency buckets (seconds) from 1 ms to 60 s; TTFT and ITL on a CPU span that whole range.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
+)
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry, model: str) -> None:
+        self.registry = registry
+        self.model = model
+        self.time_to_first_token = Histogram(
+            "baton_time_to_first_token_seconds", "Time from arrival to the first token.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        ).labels(model)
+        self.inter_token_latency = Histogram(
+            "baton_inter_token_latency_seconds", "Time between two tokens of one stream.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        ).labels(model)
+        self.e2e_request_latency = Histogram(
+            "baton_e2e_request_latency_seconds", "Time from arrival to the last token.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        ).labels(model)
+        self._requests = Counter(
+            "baton_requests_total", "Requests that ended, by finish reason or error.",
+            ["model", "finish_reason"], registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "baton_prompt_tokens_total", "Prompt tokens of finished requests.",
+            ["model"], registry=registry,
+        ).labels(model)
+        self.generation_tokens = Counter(
+            "baton_generation_tokens_total", "Generated tokens.", ["model"], registry=registry,
+        ).labels(model)
+
+    def request_finished(self, finish_reason: str) -> None:
+        self._requests.labels(self.model, finish_reason).inc()
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry, model: str, role: str, worker: str) -> None:
+        self.registry = registry
+        labels = ["model", "role", "worker"]
+        values = (model, role, worker)
+        self.num_requests_running = Gauge(
+            "baton_num_requests_running", "Requests in the running batch.",
+            labels, registry=registry,
+        ).labels(*values)
+        self.num_requests_waiting = Gauge(
+            "baton_num_requests_waiting", "Requests waiting for prefill or for their KV.",
+            labels, registry=registry,
+        ).labels(*values)
+        self.kv_cache_usage_ratio = Gauge(
+            "baton_kv_cache_usage_ratio", "Share of KV blocks in use (0 to 1).",
+            labels, registry=registry,
+        ).labels(*values)
+        self.kv_transfer_bytes = Counter(
+            "baton_kv_transfer_bytes_total",
+            "KV payload bytes moved between workers (received on decode, sent on prefill).",
+            labels, registry=registry,
+        ).labels(*values)

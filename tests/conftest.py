@@ -1,0 +1,1 @@
+"""Shared fixtures. Helpers live in tests/support/ (tiny models, redis, servers)."""
