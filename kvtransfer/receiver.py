@@ -1,0 +1,180 @@
+"""Decode side: the KVTransfer service and the table of expected transfers with their leases.
+
+Lifecycle of a transfer: expect() when the decode worker reserves blocks for a remote prefill ->
+chunks arrive through Push, each validated and then written -> the last chunk completes it
+(on_complete with the first token) -> removed. It fails (on_failed, and the stream gets an error
+status) on any bad chunk, a stream that ends early, or when its lease runs out before completion;
+cancel_request() removes it without a callback (the request was aborted). The receiver writes only
+through the callbacks it is given, so it knows nothing of the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from baton.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
+from kvtransfer.codec import ChunkError, ChunkErrorReason, KVGeometry, decode_chunk
+
+log = logging.getLogger(__name__)
+
+# write(request_id, layer_start, layer_end, token_start, token_end, k, v)
+WriteKV = Callable[[str, int, int, int, int, torch.Tensor, torch.Tensor], None]
+
+_STREAM_ONLY = {
+    ChunkErrorReason.UNKNOWN_TRANSFER: grpc.StatusCode.NOT_FOUND,
+    ChunkErrorReason.STALE_ATTEMPT: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+@dataclass
+class Transfer:
+    transfer_id: str
+    request_id: str
+    token_start: int  # tokens the decode worker already holds are not sent
+    token_end: int  # the prompt length
+    deadline: float
+    attempt: int = -1  # the attempt whose chunks are being accepted; -1 before the first chunk
+    next_token: list[int] = field(default_factory=list)  # per layer: the next expected position
+
+    def reset(self, attempt: int, num_layers: int) -> None:
+        self.attempt = attempt
+        self.next_token = [self.token_start] * num_layers
+
+    @property
+    def complete(self) -> bool:
+        return all(t == self.token_end for t in self.next_token)
+
+
+class KVReceiver(kvtransfer_pb2_grpc.KVTransferServicer):
+    def __init__(
+        self,
+        geometry: KVGeometry,
+        *,
+        write: WriteKV,
+        on_complete: Callable[[str, int], None],
+        on_failed: Callable[[str, ChunkError], None],
+        on_bytes: Callable[[int], None] = lambda n: None,
+        lease_s: float = 30.0,
+    ) -> None:
+        self.geometry = geometry
+        self._write = write
+        self._on_complete = on_complete
+        self._on_failed = on_failed
+        self._on_bytes = on_bytes
+        self.lease_s = lease_s
+        self._transfers: dict[str, Transfer] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="kv-lease-reaper", daemon=True)
+        self._reaper.start()
+
+    def expect(self, transfer_id: str, request_id: str, token_start: int, token_end: int) -> None:
+        with self._lock:
+            if transfer_id in self._transfers:
+                raise ValueError(f"transfer {transfer_id} is already expected")
+            self._transfers[transfer_id] = Transfer(
+                transfer_id, request_id, token_start, token_end,
+                deadline=time.monotonic() + self.lease_s,
+                next_token=[token_start] * self.geometry.num_layers,
+            )
+
+    def cancel_request(self, request_id: str) -> bool:
+        """Forget request_id's transfer, if any (the request was aborted); no callback."""
+        with self._lock:
+            ids = [t.transfer_id for t in self._transfers.values() if t.request_id == request_id]
+            for transfer_id in ids:
+                del self._transfers[transfer_id]
+        return bool(ids)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # -- the service ------------------------------------------------------------------------
+
+    def Push(self, request_iterator: Iterator[kvtransfer_pb2.KVChunk], context: grpc.ServicerContext):
+        transfer: Transfer | None = None
+        num_bytes = 0
+        try:
+            for chunk in request_iterator:
+                transfer = self._lookup(chunk.transfer_id)
+                self._accept(transfer, chunk)
+                num_bytes += len(chunk.payload)
+                if chunk.last:
+                    if not transfer.complete:
+                        raise ChunkError(ChunkErrorReason.INCOMPLETE,
+                                         "last chunk arrived before all KV was received")
+                    with self._lock:
+                        self._transfers.pop(transfer.transfer_id, None)
+                    self._on_complete(transfer.request_id, chunk.first_token_id)
+                    return kvtransfer_pb2.PushAck(num_bytes=num_bytes)
+            raise ChunkError(ChunkErrorReason.INCOMPLETE, "the stream ended without its last chunk")
+        except ChunkError as err:
+            # An unknown transfer or a stale attempt's late chunk refuses this stream only; any
+            # other error fails the transfer, so the request ends instead of waiting for its lease.
+            code = _STREAM_ONLY.get(err.reason)
+            if code is None and transfer is not None:
+                self._fail(transfer, err)
+            context.abort(code or grpc.StatusCode.INVALID_ARGUMENT, f"KV transfer rejected: {err}")
+        except grpc.RpcError:
+            # the sender went away mid-stream; the lease frees the reservation unless it retries
+            log.warning("request_id=%s: KV stream broken", transfer.request_id if transfer else "?")
+            raise
+
+    def _lookup(self, transfer_id: str) -> Transfer:
+        with self._lock:
+            transfer = self._transfers.get(transfer_id)
+        if transfer is None:
+            raise ChunkError(ChunkErrorReason.UNKNOWN_TRANSFER,
+                             f"transfer {transfer_id!r} is not expected here (expired or aborted)")
+        return transfer
+
+    def _accept(self, transfer: Transfer, chunk: kvtransfer_pb2.KVChunk) -> None:
+        if chunk.attempt < transfer.attempt:
+            raise ChunkError(ChunkErrorReason.STALE_ATTEMPT,
+                             f"attempt {chunk.attempt} is older than attempt {transfer.attempt}")
+        if chunk.attempt > transfer.attempt:
+            # a retry starts over: positions already written are simply overwritten
+            transfer.reset(chunk.attempt, self.geometry.num_layers)
+        if chunk.last and not chunk.payload and chunk.layer_start == chunk.layer_end:
+            return  # nothing to send: the first token only
+        k, v = decode_chunk(chunk, self.geometry, transfer.token_start, transfer.token_end)
+        for layer in range(chunk.layer_start, chunk.layer_end):
+            if transfer.next_token[layer] != chunk.token_start:
+                raise ChunkError(
+                    ChunkErrorReason.BAD_RANGE,
+                    f"layer {layer}: expected tokens from {transfer.next_token[layer]}, "
+                    f"got [{chunk.token_start}, {chunk.token_end})",
+                )
+        try:
+            self._write(transfer.request_id, chunk.layer_start, chunk.layer_end,
+                        chunk.token_start, chunk.token_end, k, v)
+        except ValueError as exc:  # the engine refused it (e.g. the request was aborted)
+            raise ChunkError(ChunkErrorReason.BAD_RANGE, str(exc)) from exc
+        for layer in range(chunk.layer_start, chunk.layer_end):
+            transfer.next_token[layer] = chunk.token_end
+        self._on_bytes(len(chunk.payload))
+
+    def _fail(self, transfer: Transfer, err: ChunkError) -> None:
+        with self._lock:
+            if self._transfers.pop(transfer.transfer_id, None) is None:
+                return  # already completed, cancelled or failed
+        log.warning("request_id=%s: KV transfer %s failed: %s",
+                    transfer.request_id, transfer.transfer_id, err)
+        self._on_failed(transfer.request_id, err)
+
+    def _reap(self) -> None:
+        while not self._stop.wait(0.2):
+            now = time.monotonic()
+            with self._lock:
+                expired = [t for t in self._transfers.values() if t.deadline <= now]
+            for t in expired:
+                self._fail(t, ChunkError(
+                    ChunkErrorReason.EXPIRED,
+                    f"the KV did not arrive within the {self.lease_s:g} s lease"))

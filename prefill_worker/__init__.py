@@ -1,0 +1,1 @@
+"""Prefill service: a gRPC server around an engine in the prefill role."""
