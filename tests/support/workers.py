@@ -1,0 +1,39 @@
+"""Real prefill and decode workers on loopback, in this process, for integration tests."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from decode_worker.server import DecodeWorker
+from engine.config import EngineConfig
+from prefill_worker.server import PrefillWorker
+
+
+def engine_config(model_dir: Path, **overrides) -> EngineConfig:
+    settings = dict(model=str(model_dir), device="cpu", dtype="float32",
+                    kv_cache_memory_bytes=64 << 20, max_num_seqs=32, max_num_batched_tokens=512)
+    settings.update(overrides)
+    return EngineConfig(**settings)
+
+
+@contextlib.contextmanager
+def running_workers(
+    model_dir: Path, *, num_prefill: int = 1, num_decode: int = 1, kv_lease_s: float = 30.0,
+    **engine_overrides,
+) -> Iterator[tuple[list[PrefillWorker], list[DecodeWorker]]]:
+    config = engine_config(model_dir, **engine_overrides)
+    prefill = [PrefillWorker(config, worker_id=f"prefill-{i}", model_name="tiny")
+               for i in range(num_prefill)]
+    decode = [DecodeWorker(config, worker_id=f"decode-{i}", model_name="tiny",
+                           kv_lease_s=kv_lease_s) for i in range(num_decode)]
+    started = []
+    try:
+        for w in (*prefill, *decode):
+            w.start()
+            started.append(w)
+        yield prefill, decode
+    finally:
+        for w in started:
+            w.stop(grace=1.0)
