@@ -37,3 +37,24 @@ def running_workers(
     finally:
         for w in started:
             w.stop(grace=1.0)
+
+
+@contextlib.contextmanager
+def running_cluster(model_dir: Path, *, num_prefill: int = 1, num_decode: int = 1,
+                    **engine_overrides):
+    """Workers plus a router that finds them through a static directory (no Redis, no Ray)."""
+    import os
+
+    from router.config import RouterConfig
+    from router.registry import StaticWorkerDirectory, WorkerInfo
+    from router.server import Router
+
+    with running_workers(model_dir, num_prefill=num_prefill, num_decode=num_decode,
+                         **engine_overrides) as (prefill, decode):
+        infos = [WorkerInfo(worker_id=w.worker_id, role=w.role, state="ready",
+                            grpc_address=w.address, metrics_url="", pid=os.getpid(),
+                            node="local") for w in (*prefill, *decode)]
+        config = RouterConfig(model_name="tiny", model_dir=str(model_dir), http_port=0,
+                              grpc_port=0)
+        with Router(config, StaticWorkerDirectory(infos)) as router:
+            yield router, prefill, decode
