@@ -1,0 +1,328 @@
+"""Baton's Python SDK: Client (blocking) and AsyncClient (asyncio) over the router's gRPC API
+(baton.v1.Generation).
+
+    from baton import Client
+    with Client("127.0.0.1:50051") as client:
+        result = client.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=32)
+        print(result.text, result.finish_reason, result.usage.completion_tokens)
+        for chunk in client.stream("Once upon a time", max_tokens=64):
+            print(chunk.text, end="", flush=True)
+
+Inputs: a text `prompt` (no chat template), chat `messages` (the model's template is applied) or
+`token_ids` — exactly one. Sampling: temperature, top_p, top_k, seed, max_tokens, stop, ignore_eos;
+unset values take the server's defaults. `timeout` is the deadline of the whole call (retries
+included). A call that fails with UNAVAILABLE before any token arrived is retried with backoff up
+to `max_retries` times; later failures raise. Failures raise BatonError subclasses named after
+their cause. This module imports grpc and the generated stubs only (no torch, no engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
+
+from baton.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+if TYPE_CHECKING:
+    from typing import Self
+
+_FINISH = {
+    common_pb2.FINISH_REASON_UNSPECIFIED: None,
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+}
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New output of a streamed request. The last chunk has finish_reason and usage set."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    max_model_len: int
+
+
+class BatonError(Exception):
+    """A failed call. `code` is the gRPC status name (e.g. "INVALID_ARGUMENT")."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class BadRequestError(BatonError):
+    """The request can never succeed as sent (the message names the parameter)."""
+
+
+class OverloadedError(BatonError):
+    """The cluster has no capacity right now; retry later."""
+
+
+class UnavailableError(BatonError):
+    """The router or every worker is unreachable."""
+
+
+class DeadlineExceededError(BatonError):
+    """The call did not finish within its timeout."""
+
+
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: BadRequestError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+
+
+def _error(exc: grpc.RpcError) -> BatonError:
+    code = exc.code()
+    return _ERRORS.get(code, BatonError)(code.name, exc.details() or "")
+
+
+Message = Mapping[str, str] | tuple[str, str]
+
+
+def _request(prompt: str | None, messages: Sequence[Message] | None,
+             token_ids: Sequence[int] | None, *, model: str | None, request_id: str | None,
+             temperature: float | None, top_p: float | None, top_k: int | None,
+             seed: int | None, max_tokens: int | None, stop: str | Sequence[str] | None,
+             ignore_eos: bool) -> generation_pb2.GenerateRequest:
+    if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
+        raise TypeError("pass exactly one of prompt, messages or token_ids")
+    req = generation_pb2.GenerateRequest(request_id=request_id or f"sdk-{uuid.uuid4().hex}",
+                                         model=model or "", ignore_eos=ignore_eos)
+    if prompt is not None:
+        req.prompt = prompt
+    elif messages is not None:
+        for message in messages:
+            role, content = ((message["role"], message["content"]) if isinstance(message, Mapping)
+                             else message)
+            req.chat.messages.add(role=role, content=content)
+        if not messages:
+            req.chat.SetInParent()  # an empty conversation: the server names the problem
+    else:
+        req.token_ids.ids.extend(token_ids)
+        if not token_ids:
+            req.token_ids.SetInParent()
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
+                        ("seed", seed), ("max_tokens", max_tokens)):
+        if value is not None:
+            setattr(req, name, value)
+    if stop is not None:
+        req.stop.extend([stop] if isinstance(stop, str) else list(stop))
+    return req
+
+
+def _chunk(msg: generation_pb2.GenerateResponse) -> Chunk:
+    usage = None
+    if msg.HasField("usage"):
+        usage = Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens,
+                      msg.usage.cached_tokens)
+    return Chunk(msg.request_id, msg.text, tuple(msg.token_ids), _FINISH[msg.finish_reason], usage)
+
+
+def _result(chunks: list[Chunk]) -> Result:
+    last = chunks[-1] if chunks else None
+    if last is None or last.finish_reason is None or last.usage is None:
+        raise BatonError("INTERNAL", "the stream ended without a finish reason")
+    return Result(request_id=last.request_id, text="".join(c.text for c in chunks),
+                  token_ids=tuple(t for c in chunks for t in c.token_ids),
+                  finish_reason=last.finish_reason, usage=last.usage)
+
+
+class _Base:
+    def __init__(self, address: str, *, model: str | None, timeout: float, max_retries: int,
+                 retry_backoff_s: float) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.address = address
+        self.model = model
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+
+    def _backoff(self, attempt: int, deadline: float) -> float | None:
+        """Seconds to wait before retry `attempt` (1-based), or None when out of retries/time."""
+        if attempt > self.max_retries:
+            return None
+        delay = self.retry_backoff_s * (2 ** (attempt - 1))
+        return delay if time.monotonic() + delay < deadline else None
+
+
+class Client(_Base):
+    """Blocking client. Thread-safe; one channel per client. Use as a context manager."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, model: str | None = None,
+                 timeout: float = 300.0, max_retries: int = 3, retry_backoff_s: float = 0.2) -> None:
+        super().__init__(address, model=model, timeout=timeout, max_retries=max_retries,
+                         retry_backoff_s=retry_backoff_s)
+        self._channel = grpc.insecure_channel(address)
+        self._stub = generation_pb2_grpc.GenerationStub(self._channel)
+
+    def stream(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
+               token_ids: Sequence[int] | None = None, temperature: float | None = None,
+               top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+               max_tokens: int | None = None, stop: str | Sequence[str] | None = None,
+               ignore_eos: bool = False, request_id: str | None = None,
+               timeout: float | None = None) -> Iterator[Chunk]:
+        req = _request(prompt, messages, token_ids, model=self.model, request_id=request_id,
+                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                       max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos)
+        deadline = time.monotonic() + (timeout or self.timeout)
+        attempt = 0
+        while True:
+            call = self._stub.Generate(req, timeout=max(0.001, deadline - time.monotonic()),
+                                       wait_for_ready=attempt > 0)
+            received = False
+            try:
+                for msg in call:
+                    received = True
+                    yield _chunk(msg)
+                return
+            except grpc.RpcError as exc:
+                attempt += 1
+                delay = (self._backoff(attempt, deadline)
+                         if exc.code() == grpc.StatusCode.UNAVAILABLE and not received else None)
+                if delay is None:
+                    raise _error(exc) from None
+                time.sleep(delay)
+            finally:
+                call.cancel()  # the caller stopped early: the router aborts the request
+
+    def generate(self, prompt: str | None = None, **kwargs) -> Result:
+        """Run one request to its end. Same arguments as stream()."""
+        return _result(list(self.stream(prompt, **kwargs)))
+
+    def abort(self, request_id: str, timeout: float = 10.0) -> bool:
+        try:
+            reply = self._stub.Abort(generation_pb2.AbortRequest(request_id=request_id),
+                                     timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return reply.found
+
+    def list_models(self, timeout: float = 10.0) -> list[ModelInfo]:
+        try:
+            reply = self._stub.ListModels(generation_pb2.ListModelsRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return [ModelInfo(m.id, m.max_model_len) for m in reply.models]
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """asyncio client. Create and use it inside one event loop; `await client.close()`."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, model: str | None = None,
+                 timeout: float = 300.0, max_retries: int = 3, retry_backoff_s: float = 0.2) -> None:
+        super().__init__(address, model=model, timeout=timeout, max_retries=max_retries,
+                         retry_backoff_s=retry_backoff_s)
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = generation_pb2_grpc.GenerationStub(self._channel)
+
+    async def stream(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
+                     token_ids: Sequence[int] | None = None, temperature: float | None = None,
+                     top_p: float | None = None, top_k: int | None = None,
+                     seed: int | None = None, max_tokens: int | None = None,
+                     stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
+                     request_id: str | None = None,
+                     timeout: float | None = None) -> AsyncIterator[Chunk]:
+        req = _request(prompt, messages, token_ids, model=self.model, request_id=request_id,
+                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                       max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos)
+        deadline = time.monotonic() + (timeout or self.timeout)
+        attempt = 0
+        while True:
+            call = self._stub.Generate(req, timeout=max(0.001, deadline - time.monotonic()),
+                                       wait_for_ready=attempt > 0)
+            received = False
+            try:
+                async for msg in call:
+                    received = True
+                    yield _chunk(msg)
+                return
+            except grpc.aio.AioRpcError as exc:
+                attempt += 1
+                delay = (self._backoff(attempt, deadline)
+                         if exc.code() == grpc.StatusCode.UNAVAILABLE and not received else None)
+                if delay is None:
+                    raise _error(exc) from None
+                await asyncio.sleep(delay)
+            finally:
+                call.cancel()
+
+    async def generate(self, prompt: str | None = None, **kwargs) -> Result:
+        chunks = [chunk async for chunk in self.stream(prompt, **kwargs)]
+        return _result(chunks)
+
+    async def abort(self, request_id: str, timeout: float = 10.0) -> bool:
+        try:
+            reply = await self._stub.Abort(generation_pb2.AbortRequest(request_id=request_id),
+                                           timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        return reply.found
+
+    async def list_models(self, timeout: float = 10.0) -> list[ModelInfo]:
+        try:
+            reply = await self._stub.ListModels(generation_pb2.ListModelsRequest(),
+                                                timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        return [ModelInfo(m.id, m.max_model_len) for m in reply.models]
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()

@@ -1,0 +1,264 @@
+"""LLMEngine: the model runtime behind both worker roles. Single-threaded; callers serialize access.
+
+Local request:   add_request -> step()* (first token after the prefill, then one per decode step)
+Prefill role:    add_request(prefill_only=True) -> step()* reports the first token, the request
+                 keeps its blocks -> read_kv(...)* -> release()
+Decode role:     reserve -> write_kv(...)* -> commit(first_token) -> step()* reports tokens 1..
+abort() works in every state and frees the request's blocks.
+
+Start-up values (number of KV blocks, EOS ids, max_model_len) live here, never in EngineConfig.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from engine.block_pool import BlockPool
+from engine.config import EngineConfig, ModelConfig
+from engine.kv_cache import KVCache, kv_bytes_per_token
+from engine.models.layers import rope_inv_freq
+from engine.models.llama import LlamaModel, ModelArgs
+from engine.request import InvalidRequestError, RequestOutput, SamplingParams, check_prompt
+from engine.runner import ModelRunner
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.weights import load_state_dict
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 matmuls are ~100x slower than fp32 on AVX2 CPUs (measured); GPUs want bf16.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def read_eos_token_ids(model_dir: Path) -> frozenset[int]:
+    """EOS ids from generation_config.json, else config.json (an int or a list)."""
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return frozenset([eos] if isinstance(eos, int) else eos)
+    return frozenset()
+
+
+def build_model(
+    model_config: ModelConfig, model_dir: Path, device: torch.device, dtype: torch.dtype
+) -> LlamaModel:
+    args = ModelArgs.from_model_config(model_config)
+    with torch.device("meta"):
+        model = LlamaModel(args)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
+    model.inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
+    model.load_hf_state_dict(load_state_dict(model_dir))
+    return model.eval()
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        model_dir = Path(config.model)
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        max_positions = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > max_positions:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's "
+                f"max_position_embeddings {max_positions}"
+            )
+        self.max_model_len = config.max_model_len or max_positions
+        self.eos_token_ids = read_eos_token_ids(model_dir)
+        self.block_size = config.block_size
+        self.kv_dtype = self.dtype
+        mc = self.model_config
+        self.kv_bytes_per_token = kv_bytes_per_token(
+            mc.num_layers, mc.num_kv_heads, mc.head_dim, self.kv_dtype
+        )
+        num_blocks = config.kv_cache_memory_bytes // (self.block_size * self.kv_bytes_per_token)
+        if num_blocks == 0:
+            raise ValueError(
+                f"kv_cache_memory_bytes={config.kv_cache_memory_bytes} holds no block; one block "
+                f"of {self.block_size} tokens needs {self.block_size * self.kv_bytes_per_token}"
+            )
+
+        model = build_model(mc, model_dir, self.device, self.dtype)
+        self.kv_cache = KVCache(
+            num_layers=mc.num_layers, num_blocks=num_blocks, block_size=self.block_size,
+            num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, dtype=self.kv_dtype,
+            device=self.device,
+        )
+        self.block_pool = BlockPool(num_blocks)
+        self.scheduler = Scheduler(
+            self.block_pool,
+            block_size=self.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            eos_token_ids=self.eos_token_ids,
+        )
+        self.runner = ModelRunner(model, self.kv_cache, self.device)
+        logger.info(
+            "engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
+            model_dir, self.device, self.dtype, num_blocks, self.block_size, self.max_model_len,
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_total_blocks(self) -> int:
+        return self.block_pool.num_total_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_pool.num_free_blocks
+
+    @property
+    def kv_usage(self) -> float:
+        return self.block_pool.usage
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.reserved)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        prefill_only: bool = False,
+    ) -> None:
+        seq = self._new_sequence(request_id, prompt_token_ids, sampling, prefill_only)
+        self.scheduler.add(seq)
+        logger.debug("request %s: added, %d prompt tokens", request_id, seq.num_prompt_tokens)
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return self.scheduler.take_pending()
+        sampled = self.runner.execute(scheduled)
+        return self.scheduler.update(scheduled, sampled)
+
+    def has_unfinished(self) -> bool:
+        s = self.scheduler
+        return bool(s.waiting or s.running or s.has_pending())
+
+    def abort(self, request_id: str) -> bool:
+        aborted = self.scheduler.abort(request_id)
+        if aborted:
+            logger.info("request %s: aborted", request_id)
+        return aborted
+
+    # ------------------------------------------------------------------ prefill role
+    def read_kv(
+        self, request_id: str, layer_start: int, layer_end: int, token_start: int, token_end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = self.scheduler.requests.get(request_id)
+        if seq is None:
+            raise ValueError(f"request {request_id} is unknown")
+        self._check_ranges(layer_start, layer_end, token_start, token_end, seq.num_computed_tokens)
+        slots = self.kv_cache.slots(seq.block_table, token_start, token_end)
+        return self.kv_cache.read(layer_start, layer_end, slots)
+
+    def release(self, request_id: str) -> None:
+        self.scheduler.release(request_id)
+
+    # ------------------------------------------------------------------ decode role
+    def reserve(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+    ) -> int:
+        seq = self._new_sequence(request_id, prompt_token_ids, sampling, prefill_only=False)
+        self.scheduler.reserve(seq)
+        return 0
+
+    def write_kv(
+        self,
+        request_id: str,
+        layer_start: int,
+        layer_end: int,
+        token_start: int,
+        token_end: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
+        seq = self.scheduler.reserved.get(request_id)
+        if seq is None:
+            raise ValueError(f"request {request_id} is not waiting for KV")
+        self._check_ranges(layer_start, layer_end, token_start, token_end, seq.num_prompt_tokens)
+        mc = self.model_config
+        shape = (layer_end - layer_start, token_end - token_start, mc.num_kv_heads, mc.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+            if not t.is_floating_point():
+                raise ValueError(f"{name} has dtype {t.dtype}; a float dtype is required")
+        slots = self.kv_cache.slots(seq.block_table, token_start, token_end)
+        self.kv_cache.write(layer_start, layer_end, slots, k, v)
+
+    def commit(self, request_id: str, first_token_id: int) -> None:
+        if not 0 <= first_token_id < self.model_config.vocab_size:
+            raise ValueError(
+                f"first_token_id {first_token_id} is outside the vocabulary "
+                f"[0, {self.model_config.vocab_size})"
+            )
+        self.scheduler.commit(request_id, first_token_id)
+
+    # ------------------------------------------------------------------ helpers
+    def _new_sequence(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        prefill_only: bool,
+    ) -> Sequence:
+        prompt = list(prompt_token_ids)
+        check_prompt(len(prompt), sampling.max_tokens, self.max_model_len)
+        vocab = self.model_config.vocab_size
+        if prompt and (min(prompt) < 0 or max(prompt) >= vocab):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+        return Sequence(
+            request_id=request_id,
+            token_ids=prompt,
+            num_prompt_tokens=len(prompt),
+            sampling=sampling,
+            seed=seed,
+            prefill_only=prefill_only,
+        )
+
+    def _check_ranges(
+        self, layer_start: int, layer_end: int, token_start: int, token_end: int, num_tokens: int
+    ) -> None:
+        num_layers = self.model_config.num_layers
+        if not 0 <= layer_start < layer_end <= num_layers:
+            raise ValueError(
+                f"layer range [{layer_start}, {layer_end}) is not within [0, {num_layers})"
+            )
+        if not 0 <= token_start < token_end <= num_tokens:
+            raise ValueError(
+                f"token range [{token_start}, {token_end}) is not within [0, {num_tokens})"
+            )

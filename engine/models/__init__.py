@@ -1,0 +1,1 @@
+"""Model architectures in plain torch (gpt-fast style). One file per architecture family."""

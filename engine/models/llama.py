@@ -1,0 +1,168 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) over a paged KV cache.
+
+Parameter names follow the HF checkpoints minus the leading "model." (embed_tokens, layers.N.
+self_attn.q_proj, ..., norm, lm_head), so a safetensors state dict loads with one rename.
+The forward pass takes a flattened batch of tokens and an explicit AttentionMetadata; logits are
+computed only for the rows the caller asks for (the last token of each sequence that samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.models.attention import AttentionMetadata, paged_attention
+from engine.models.layers import RMSNorm, apply_rope, make_linear, rope_cos_sin, rope_inv_freq
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2, and Llama with attention_bias
+    o_bias: bool  # Llama with attention_bias only
+
+    @classmethod
+    def from_model_config(cls, config: ModelConfig) -> ModelArgs:
+        is_qwen2 = config.architecture == "Qwen2ForCausalLM"
+        return cls(
+            vocab_size=config.vocab_size,
+            dim=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            norm_eps=config.rms_norm_eps,
+            rope_theta=config.rope_theta,
+            rope_scaling=config.rope_scaling,
+            tie_word_embeddings=config.tie_word_embeddings,
+            qkv_bias=config.attention_bias,
+            o_bias=config.attention_bias and not is_qwen2,
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            args.num_heads, args.num_kv_heads, args.head_dim
+        )
+        self.q_proj = make_linear(args.dim, args.num_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = make_linear(args.dim, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = make_linear(args.dim, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = make_linear(args.num_heads * args.head_dim, args.dim, bias=args.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, dim]
+        cos: torch.Tensor,  # [T, head_dim]
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, head_dim]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = paged_attention(q, k, v, k_cache, v_cache, meta)  # [T, H, D]
+        return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = make_linear(args.dim, args.intermediate_size)
+        self.up_proj = make_linear(args.dim, args.intermediate_size)
+        self.down_proj = make_linear(args.intermediate_size, args.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = make_linear(args.dim, args.vocab_size)
+        self.tie_weights()
+        self.register_buffer(
+            "inv_freq",
+            rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling),
+            persistent=False,
+        )
+
+    def tie_weights(self) -> None:
+        """Share lm_head with the embeddings when the config says so (again after to_empty)."""
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        k_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, Hkv, head_dim]
+        v_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Hidden states after the final norm: [T, dim]."""
+        x = self.embed_tokens(input_ids)  # [T, dim]
+        cos, sin = rope_cos_sin(meta.positions, self.inv_freq, x.dtype)  # [T, head_dim]
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, dim] -> logits [N, vocab] in float32."""
+        return self.lm_head(hidden).float()
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy HF-named tensors in; refuses missing or unexpected names."""
+        ours = dict(self.named_parameters())
+        seen = set()
+        for hf_name, tensor in state_dict.items():
+            name = hf_name.removeprefix("model.")
+            if name == "lm_head.weight" and self.args.tie_word_embeddings:
+                continue  # some checkpoints store the tied copy too
+            if name not in ours:
+                raise ValueError(f"unexpected weight {hf_name!r} in checkpoint")
+            if ours[name].shape != tensor.shape:
+                raise ValueError(
+                    f"weight {hf_name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(ours[name].shape)}"
+                )
+            with torch.no_grad():
+                ours[name].copy_(tensor)
+            seen.add(name)
+        missing = set(ours) - seen
+        if missing:
+            raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")

@@ -1,0 +1,124 @@
+"""The router's public gRPC API: baton.v1.Generation on grpc.aio, with grpc.health.v1 and
+server reflection. Bad input -> INVALID_ARGUMENT naming the parameter; no capacity ->
+RESOURCE_EXHAUSTED; no worker -> UNAVAILABLE; a request over its deadline -> DEADLINE_EXCEEDED.
+A client that cancels its stream has its request aborted on the workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from baton.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from baton.wire import GRPC_OPTIONS
+from router.errors import RouterError
+from router.service import GenerationService, Output
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+
+_FINISH = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+}
+_MAX_REQUEST_ID_LEN = 128
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, service: GenerationService) -> None:
+        self.service = service
+
+    async def Generate(self, request: generation_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext):
+        try:
+            req = self._build(request)
+        except RouterError as exc:
+            await _abort(context, exc)
+            return
+        try:
+            async with contextlib.aclosing(self.service.generate(req)) as outputs:
+                async for out in outputs:
+                    yield _response(req.request_id, out)
+        except RouterError as exc:
+            await _abort(context, exc)
+
+    def _build(self, request: generation_pb2.GenerateRequest):
+        builder = self.service.builder
+        builder.check_model(request.model, required=False)
+        rid = request.request_id or f"gen-{uuid.uuid4().hex}"
+        if len(rid) > _MAX_REQUEST_ID_LEN:
+            raise RouterError.invalid(
+                f"request_id may have at most {_MAX_REQUEST_ID_LEN} characters", "request_id")
+        which = request.WhichOneof("input")
+        if which == "prompt":
+            prompt_ids = builder.prompt_ids_from_text(request.prompt)
+            prompt_param, default_max = "prompt", 16
+        elif which == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            prompt_ids = builder.prompt_ids_from_messages(messages)
+            prompt_param, default_max = "chat", None
+        elif which == "token_ids":
+            prompt_ids = builder.prompt_ids_from_ids(list(request.token_ids.ids), "token_ids")
+            prompt_param, default_max = "token_ids", 16
+        else:
+            raise RouterError.invalid("one of prompt, chat or token_ids must be set", "input")
+        return builder.build(
+            rid, prompt_ids,
+            temperature=request.temperature if request.HasField("temperature") else None,
+            top_p=request.top_p if request.HasField("top_p") else None,
+            top_k=request.top_k if request.HasField("top_k") else None,
+            seed=request.seed if request.HasField("seed") else None,
+            max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
+            default_max_tokens=default_max, stop=list(request.stop) or None,
+            ignore_eos=request.ignore_eos, prompt_param=prompt_param)
+
+    async def Abort(self, request: generation_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
+        return generation_pb2.AbortResponse(found=self.service.abort(request.request_id))
+
+    async def ListModels(self, request: generation_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> generation_pb2.ListModelsResponse:
+        return generation_pb2.ListModelsResponse(models=[generation_pb2.ModelInfo(
+            id=self.service.config.model_name, max_model_len=self.service.max_model_len)])
+
+
+def _response(request_id: str, out: Output) -> generation_pb2.GenerateResponse:
+    msg = generation_pb2.GenerateResponse(request_id=request_id, token_ids=out.token_ids,
+                                          text=out.text, finish_reason=_FINISH[out.finish_reason])
+    if out.usage is not None:
+        msg.usage.CopyFrom(generation_pb2.Usage(prompt_tokens=out.usage.prompt_tokens,
+                                                completion_tokens=out.usage.completion_tokens,
+                                                cached_tokens=out.usage.cached_tokens))
+    return msg
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: RouterError) -> None:
+    await context.abort(getattr(grpc.StatusCode, exc.kind.grpc_code_name), exc.grpc_details())
+
+
+def create_server(service: GenerationService, host: str, port: int) -> tuple[grpc.aio.Server, int,
+                                                                             health.aio.HealthServicer]:
+    """A grpc.aio server with Generation, Health and reflection, bound (not started).
+
+    Returns (server, bound port, health servicer).
+    """
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"the router could not bind its gRPC port {host}:{port}")
+    return server, bound, health_servicer

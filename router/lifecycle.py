@@ -1,0 +1,355 @@
+"""One request's trip through the workers: the router side of DESIGN §2.
+
+    plan  = least-loaded D (+ P when a prefill worker is ready)            (router.routing)
+    REMOTE: D.Generate(prefill_mode=REMOTE, transfer_id) -> first message Reserved(num_cached)
+            P.Prefill(prompt, transfer_id, decode_address=D, num_skip_tokens=num_cached)
+              -> first token, emitted at once; P pushed the KV to D before answering
+            D streams TokenBatch(tokens 2..N) until one carries the finish reason
+    LOCAL:  D.Generate(prefill_mode=LOCAL) streams every token (colocated, or fallback)
+
+Failure handling, all before the client has seen a token unless noted:
+  - P fails (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...): the REMOTE attempt on D is cancelled
+    (D frees the reservation) and the request is prefilled locally on the same D.
+  - D is UNAVAILABLE: another ready D is tried (up to `max_attempts`).
+  - INVALID_ARGUMENT / RESOURCE_EXHAUSTED from a worker become 400 / 429 for the client.
+  - A failure after the first token ends the request with an error (migration: a later issue).
+Leaving the generator early (stop string, client gone, Abort) cancels the open calls and sends
+Abort to every worker that holds the request, so no KV is stranded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+
+from baton.v1 import worker_pb2, worker_pb2_grpc
+from baton.wire import GRPC_OPTIONS, finish_from_proto, sampling_to_proto
+from engine.request import FinishReason
+from router.config import RouterConfig
+from router.errors import ErrorKind, RouterError, from_worker_status
+from router.registry import WorkerInfo
+from router.requests import GenerationRequest
+from router.routing import NoWorkerError, RoutePlan, plan_route
+
+log = logging.getLogger(__name__)
+
+# P failures after which the same D prefills locally instead.
+_PREFILL_FALLBACK_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED, grpc.StatusCode.UNIMPLEMENTED,
+})
+
+
+@dataclass
+class TokenEvent:
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class RequestHandle:
+    """The live state of one request, shared with whoever may abort it."""
+
+    request_id: str
+    decode_worker: str | None = None
+    prefill_worker: str | None = None
+    prefill_pending: bool = False  # a Prefill RPC is in flight (P may hold KV for it)
+    # The id the workers know the current attempt by: the request id, then "<id>~1", "<id>~2"
+    # for later attempts, so a late Abort or cancellation of an old attempt never hits a new one.
+    worker_request_id: str = ""
+    num_attempts: int = 0
+    num_cached_tokens: int = 0
+    aborted: bool = False
+    calls: set = field(default_factory=set)  # open grpc.aio calls
+
+    def abort(self) -> None:
+        self.aborted = True
+        for call in list(self.calls):
+            call.cancel()
+
+
+class _PrefillFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+
+
+class _DecodeUnavailable(Exception):
+    pass
+
+
+class ChannelPool:
+    """One grpc.aio channel per worker address, created on first use (on the router's loop)."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    async def retain(self, addresses: set[str]) -> None:
+        """Close channels to workers that left the directory."""
+        for address in [a for a in self._channels if a not in addresses]:
+            await self._channels.pop(address).close()
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
+
+
+class Dispatcher:
+    def __init__(self, config: RouterConfig, workers: Callable[[], list[WorkerInfo]],
+                 max_attempts: int = 3) -> None:
+        self.config = config
+        self._workers = workers
+        self.channels = ChannelPool()
+        self.inflight: dict[str, int] = {}  # worker_id -> this router's open requests on it
+        self._max_attempts = max_attempts
+        self._background: set[asyncio.Task] = set()
+
+    # -- the request flow -----------------------------------------------------------------------
+
+    async def run(self, req: GenerationRequest, handle: RequestHandle) -> AsyncIterator[TokenEvent]:
+        """Token events of one request, ending with one that carries the finish reason.
+
+        Raises RouterError. Closing the generator early aborts the request on its workers.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_timeout_s
+        rid = req.request_id
+        excluded: set[str] = set()
+        last_error: RouterError | None = None
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                plan = self._plan(frozenset(excluded))
+            except RouterError:
+                if last_error is not None:  # no other decode worker to try
+                    raise last_error from None
+                raise
+            handle.decode_worker = plan.decode.worker_id
+            handle.prefill_worker = plan.prefill.worker_id if plan.prefill else None
+            log.info("request_id=%s: attempt %d: decode=%s prefill=%s (%d prompt tokens)", rid,
+                     attempt, plan.decode.worker_id,
+                     plan.prefill.worker_id if plan.prefill else "local", req.num_prompt_tokens)
+            emitted = False
+            self._acquire(plan)
+            try:
+                async with contextlib.aclosing(self._attempt(req, handle, plan, deadline)) as events:
+                    async for event in events:
+                        emitted = True
+                        yield event
+                        if event.finish_reason is not None:
+                            return
+                raise RouterError(ErrorKind.UNAVAILABLE,
+                                  "the decode worker ended the stream without a finish reason")
+            except _DecodeUnavailable as exc:
+                last_error = RouterError(
+                    ErrorKind.UNAVAILABLE,
+                    f"decode worker {plan.decode.worker_id} is unavailable: {exc}")
+                if emitted or attempt == self._max_attempts:
+                    raise last_error from None
+                log.warning("request_id=%s: decode worker %s unavailable (%s), trying another",
+                            rid, plan.decode.worker_id, exc)
+                excluded.add(plan.decode.worker_id)
+            finally:
+                self._release(plan)
+
+    async def _attempt(self, req: GenerationRequest, handle: RequestHandle, plan: RoutePlan,
+                       deadline: float) -> AsyncIterator[TokenEvent]:
+        rid = req.request_id
+        decode = worker_pb2_grpc.DecodeStub(self.channels.get(plan.decode.grpc_address))
+        d_call = None
+        finished = False
+        try:
+            if plan.prefill is not None:
+                transfer_id = uuid.uuid4().hex
+                d_call = self._open_decode(decode, req, handle, deadline,
+                                           worker_pb2.PREFILL_MODE_REMOTE, transfer_id)
+                try:
+                    first = await self._remote_prefill(req, handle, plan, d_call, transfer_id,
+                                                       deadline)
+                except _PrefillFailed as exc:
+                    log.warning("request_id=%s: prefill on %s failed (%s); prefilling locally "
+                                "on %s", rid, plan.prefill.worker_id, exc, plan.decode.worker_id)
+                    self._forget(handle, d_call)
+                    d_call = None
+                    self.abort_on(plan.decode, handle.worker_request_id)
+                    self.abort_on(plan.prefill, handle.worker_request_id)
+                else:
+                    yield TokenEvent([first])
+            if d_call is None:
+                d_call = self._open_decode(decode, req, handle, deadline,
+                                           worker_pb2.PREFILL_MODE_LOCAL, "")
+            while True:
+                msg = await self._read(d_call, handle, plan.decode)
+                if msg is None:
+                    return
+                if not msg.HasField("tokens"):
+                    log.warning("request_id=%s: unexpected %s message from decode worker %s",
+                                rid, msg.WhichOneof("event"), plan.decode.worker_id)
+                    continue
+                reason = finish_from_proto(msg.tokens.finish_reason)
+                if reason is not None:
+                    finished = True
+                yield TokenEvent(list(msg.tokens.token_ids), reason)
+                if finished:
+                    return
+        except asyncio.CancelledError:
+            if handle.aborted and not _task_cancelling():
+                log.info("request_id=%s: aborted", rid)
+                finished = True  # the aborts below free the KV; finally need not repeat them
+                self.abort_on(plan.decode, handle.worker_request_id)
+                if handle.prefill_pending and plan.prefill is not None:
+                    self.abort_on(plan.prefill, handle.worker_request_id)
+                yield TokenEvent([], FinishReason.ABORT)
+                return
+            raise
+        finally:
+            if d_call is not None:
+                self._forget(handle, d_call)
+            if not finished and handle.worker_request_id:  # stop string, client gone, error
+                self.abort_on(plan.decode, handle.worker_request_id)
+                if handle.prefill_pending and plan.prefill is not None:
+                    self.abort_on(plan.prefill, handle.worker_request_id)
+
+    def _open_decode(self, stub, req: GenerationRequest, handle: RequestHandle, deadline: float,
+                     mode: int, transfer_id: str):
+        n = handle.num_attempts
+        handle.num_attempts += 1
+        handle.worker_request_id = req.request_id if n == 0 else f"{req.request_id}~{n}"
+        request = worker_pb2.DecodeRequest(
+            request_id=handle.worker_request_id, prompt_token_ids=req.prompt_token_ids,
+            sampling=sampling_to_proto(req.sampling), prefill_mode=mode, transfer_id=transfer_id)
+        call = stub.Generate(request, timeout=_remaining(deadline))
+        handle.calls.add(call)
+        return call
+
+    async def _remote_prefill(self, req: GenerationRequest, handle: RequestHandle,
+                              plan: RoutePlan, d_call, transfer_id: str, deadline: float) -> int:
+        rid = req.request_id
+        try:
+            msg = await asyncio.wait_for(self._read(d_call, handle, plan.decode),
+                                         timeout=min(self.config.reserve_timeout_s,
+                                                     _remaining(deadline)))
+        except asyncio.TimeoutError:
+            raise RouterError(ErrorKind.TIMEOUT, f"decode worker {plan.decode.worker_id} did "
+                              f"not reserve KV within {self.config.reserve_timeout_s} s") from None
+        if msg is None or not msg.HasField("reserved"):
+            raise RouterError(ErrorKind.INTERNAL, f"decode worker {plan.decode.worker_id} did not "
+                              "answer a remote-prefill request with Reserved")
+        num_cached = msg.reserved.num_cached_tokens
+        handle.num_cached_tokens = num_cached
+        log.debug("request_id=%s: %s reserved KV (%d cached tokens)", rid, plan.decode.worker_id,
+                  num_cached)
+        prefill = worker_pb2_grpc.PrefillStub(self.channels.get(plan.prefill.grpc_address))
+        call = prefill.Prefill(
+            worker_pb2.PrefillRequest(
+                request_id=handle.worker_request_id, prompt_token_ids=req.prompt_token_ids,
+                sampling=sampling_to_proto(req.sampling), transfer_id=transfer_id,
+                decode_address=plan.decode.grpc_address, num_skip_tokens=num_cached, attempt=0),
+            timeout=min(self.config.prefill_timeout_s, _remaining(deadline)))
+        handle.calls.add(call)
+        handle.prefill_pending = True
+        try:
+            reply = await call
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.CANCELLED and handle.aborted:
+                raise asyncio.CancelledError() from None  # prefill_pending: P gets an Abort
+            handle.prefill_pending = False  # P failed or refused: it holds nothing
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise from_worker_status(code.name, exc.details() or "", "prefill") from None
+            raise _PrefillFailed(code, exc.details() or "") from None
+        finally:
+            self._forget(handle, call)
+        handle.prefill_pending = False  # P answered: it pushed the KV and released its copy
+        return reply.first_token_id
+
+    async def _read(self, call, handle: RequestHandle, worker: WorkerInfo):
+        """The next message of a decode stream, None at its end; errors as RouterError."""
+        try:
+            msg = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise _DecodeUnavailable(exc.details() or "") from None
+            if code == grpc.StatusCode.CANCELLED and handle.aborted:
+                raise asyncio.CancelledError() from None
+            raise from_worker_status(code.name, exc.details() or "", "decode") from None
+        if msg is grpc.aio.EOF:
+            return None
+        return msg
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _plan(self, excluded: frozenset[str]) -> RoutePlan:
+        try:
+            return plan_route(self._workers(), self.inflight, exclude=excluded)
+        except NoWorkerError as exc:
+            raise RouterError(ErrorKind.UNAVAILABLE, str(exc), code="no_worker") from None
+
+    def _acquire(self, plan: RoutePlan) -> None:
+        for worker in (plan.decode, plan.prefill):
+            if worker is not None:
+                self.inflight[worker.worker_id] = self.inflight.get(worker.worker_id, 0) + 1
+
+    def _release(self, plan: RoutePlan) -> None:
+        for worker in (plan.decode, plan.prefill):
+            if worker is not None:
+                left = self.inflight.get(worker.worker_id, 0) - 1
+                if left > 0:
+                    self.inflight[worker.worker_id] = left
+                else:
+                    self.inflight.pop(worker.worker_id, None)
+
+    @staticmethod
+    def _forget(handle: RequestHandle, call) -> None:
+        handle.calls.discard(call)
+        call.cancel()  # no-op when the call already ended
+
+    def abort_on(self, worker: WorkerInfo, request_id: str) -> None:
+        """Tell `worker` to drop `request_id`, in the background (best effort, with a deadline)."""
+        task = asyncio.get_running_loop().create_task(self._abort(worker, request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort(self, worker: WorkerInfo, request_id: str) -> None:
+        channel = self.channels.get(worker.grpc_address)
+        stub = (worker_pb2_grpc.PrefillStub(channel) if worker.role == "prefill"
+                else worker_pb2_grpc.DecodeStub(channel))
+        try:
+            reply = await stub.Abort(worker_pb2.WorkerAbortRequest(request_id=request_id),
+                                     timeout=self.config.worker_rpc_timeout_s)
+            log.debug("request_id=%s: abort on %s (found=%s)", request_id, worker.worker_id,
+                      reply.found)
+        except grpc.aio.AioRpcError as exc:
+            log.info("request_id=%s: abort on %s failed: %s %s", request_id, worker.worker_id,
+                     exc.code().name, exc.details())
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=self.config.worker_rpc_timeout_s)
+        await self.channels.close()
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.001, deadline - asyncio.get_running_loop().time())
+
+
+def _task_cancelling() -> bool:
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling and cancelling())

@@ -1,0 +1,191 @@
+"""From what a client sent (HTTP or gRPC, already parsed) to a validated GenerationRequest.
+
+Validation happens here, once, for both APIs: the model name, exactly one input (text prompt,
+chat messages or token ids), token ids inside the vocabulary, sampling parameters (the engine's
+SamplingParams rules), stop strings, and the context limit. max_tokens is capped so that prompt +
+output fits the context; when the client leaves it unset it defaults to `default_max_tokens`
+(OpenAI: 16 for completions) or, if that is None, to the rest of the context (chat).
+Every refusal is a RouterError of kind INVALID_REQUEST naming the parameter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from engine.request import InvalidRequestError, SamplingParams, check_prompt
+from engine.tokenizer import Tokenizer
+from router.errors import RouterError
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class RequestBuilder:
+    def __init__(self, tokenizer: Tokenizer, *, model_name: str, max_model_len: int,
+                 vocab_size: int, max_stop_strings: int = 16) -> None:
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.max_stop_strings = max_stop_strings
+
+    def check_model(self, model: Any, required: bool = True) -> None:
+        if model is None or model == "":
+            if required:
+                raise RouterError.invalid(
+                    f"you must provide a model parameter (this server serves {self.model_name!r})",
+                    "model")
+            return
+        if not isinstance(model, str):
+            raise RouterError.invalid(f"model must be a string, got {type(model).__name__}", "model")
+        if model != self.model_name:
+            raise RouterError.invalid(
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                "model", code="model_not_found")
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def prompt_ids_from_text(self, prompt: Any) -> list[int]:
+        if not isinstance(prompt, str):
+            raise RouterError.invalid(
+                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}",
+                "prompt")
+        if not prompt:
+            raise RouterError.invalid("prompt must not be empty", "prompt")
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def prompt_ids_from_ids(self, ids: Any, param: str = "prompt") -> list[int]:
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(i) for i in ids):
+            raise RouterError.invalid(f"{param} must be a list of integer token ids", param)
+        if not ids:
+            raise RouterError.invalid(f"{param} must not be empty", param)
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise RouterError.invalid(
+                f"{param} holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})",
+                param)
+        return list(ids)
+
+    def prompt_ids_from_messages(self, messages: Any) -> list[int]:
+        if not isinstance(messages, list):
+            raise RouterError.invalid("messages must be a list of {role, content} objects",
+                                      "messages")
+        if not messages:
+            raise RouterError.invalid("messages must not be empty", "messages")
+        normalized = []
+        for i, message in enumerate(messages):
+            where = f"messages[{i}]"
+            if not isinstance(message, dict):
+                raise RouterError.invalid(f"{where} must be an object with role and content",
+                                          "messages")
+            role = message.get("role")
+            if role not in CHAT_ROLES:
+                raise RouterError.invalid(
+                    f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", "messages")
+            normalized.append({"role": role, "content": self._content_text(message.get("content"),
+                                                                           where)})
+        try:
+            return self.tokenizer.encode_chat(normalized, add_generation_prompt=True)
+        except InvalidRequestError as exc:
+            raise RouterError.from_invalid_request(exc) from None
+
+    @staticmethod
+    def _content_text(content: Any, where: str) -> str:
+        """OpenAI content: a string, or a list of {"type": "text", "text": ...} parts."""
+        if content is None:
+            return ""
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text"
+                        and isinstance(part.get("text"), str)):
+                    raise RouterError.invalid(
+                        f"{where}.content parts must be {{\"type\": \"text\", \"text\": ...}}; "
+                        "this model reads text only", "messages")
+                texts.append(part["text"])
+            return "".join(texts)
+        raise RouterError.invalid(f"{where}.content must be a string or a list of text parts",
+                                  "messages")
+
+    def stop_strings(self, stop: Any) -> tuple[str, ...]:
+        if stop is None:
+            return ()
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise RouterError.invalid("stop must be a string or a list of strings", "stop")
+        if len(stop) > self.max_stop_strings:
+            raise RouterError.invalid(
+                f"stop may hold at most {self.max_stop_strings} strings, got {len(stop)}", "stop")
+        if any(s == "" for s in stop):
+            raise RouterError.invalid("stop strings must not be empty", "stop")
+        return tuple(dict.fromkeys(stop))
+
+    # -- the whole request ----------------------------------------------------------------------
+
+    def build(self, request_id: str, prompt_token_ids: Sequence[int], *,
+              temperature: Any = None, top_p: Any = None, top_k: Any = None, seed: Any = None,
+              max_tokens: Any = None, default_max_tokens: int | None = 16, stop: Any = None,
+              ignore_eos: Any = False, max_tokens_param: str = "max_tokens",
+              prompt_param: str = "prompt") -> GenerationRequest:
+        for name, value, check, kind in (
+            ("temperature", temperature, _is_number, "a number"),
+            ("top_p", top_p, _is_number, "a number"),
+            ("top_k", top_k, _is_int, "an integer"),
+            ("seed", seed, _is_int, "an integer"),
+            (max_tokens_param, max_tokens, _is_int, "an integer"),
+        ):
+            if value is not None and not check(value):
+                raise RouterError.invalid(f"{name} must be {kind}, got {value!r}", name)
+        if not isinstance(ignore_eos, bool):
+            raise RouterError.invalid(f"ignore_eos must be true or false, got {ignore_eos!r}",
+                                      "ignore_eos")
+        num_prompt = len(prompt_token_ids)
+        room = self.max_model_len - num_prompt
+        requested = max_tokens if max_tokens is not None else default_max_tokens
+        try:
+            sampling = SamplingParams(
+                temperature=1.0 if temperature is None else float(temperature),
+                top_p=1.0 if top_p is None else float(top_p),
+                top_k=0 if top_k is None else top_k,
+                seed=seed,
+                max_tokens=requested if requested is not None else max(room, 1),
+                ignore_eos=ignore_eos,
+            )
+            check_prompt(num_prompt, sampling.max_tokens, self.max_model_len)
+        except InvalidRequestError as exc:
+            message, param = str(exc), exc.param
+            if param == "max_tokens":
+                message, param = message.replace("max_tokens", max_tokens_param), max_tokens_param
+            elif param == "prompt":
+                param = prompt_param
+            raise RouterError.invalid(message, param) from None
+        if sampling.max_tokens > room:
+            sampling = replace(sampling, max_tokens=room)
+        return GenerationRequest(request_id=request_id, prompt_token_ids=tuple(prompt_token_ids),
+                                 sampling=sampling, stop=self.stop_strings(stop))
