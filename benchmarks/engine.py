@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model, args.cache_dir)
     prompt = chat_prompt_ids(model_dir)
+    load_before = os.getloadavg()[0]
 
     engine = LLMEngine(EngineConfig(
         model=str(model_dir), device="cpu", dtype="float32", kv_cache_memory_bytes=256 << 20,
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "load_average_1m": [load_before, os.getloadavg()[0]],  # before, after: others' work
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -195,7 +197,9 @@ tokens/s = (N - 1) / (time for N tokens - time for 1 token), so prefill is exclu
   {r["read_bandwidth_gb_s"]:.1f} GB/s): {r["memory_floor_tokens_per_s"]:.1f} tokens/s; Baton reaches
   {100 * r["ratio_baton_over_memory_floor"]:.0f}% of it.
 - Machine: {m["cpu_count"]} CPU cores ({m["torch_threads"]} torch threads), {m["processor"]},
-  torch {m["torch"]}, Python {m["python"]}.
+  torch {m["torch"]}, Python {m["python"]}; 1-minute load average {m["load_average_1m"][0]:.1f}
+  before and {m["load_average_1m"][1]:.1f} after the run (other work shares the machine; the
+  interleaved best-of-N timing keeps the ratio fair, the absolute rates are lower bounds).
 """
 
 

@@ -3,8 +3,11 @@ for tests.
 
 Lifecycle: start() picks a free port, launches redis-server with no persistence in a temporary
 directory and waits until it answers PING; stop() terminates it (SIGTERM, wait, then SIGKILL) and
-removes the directory. On Linux the server also gets SIGTERM if the process that started it dies,
-so a killed launcher leaves no redis-server behind. Use it as a context manager:
+removes the directory. On Linux the server also gets SIGTERM when the thread that started it ends
+(PR_SET_PDEATHSIG), so a killed launcher leaves no redis-server behind: call start() from a thread
+that outlives the server (the main thread). The server runs in a session of its own, so a
+terminal's Ctrl-C reaches only the launcher, which then stops it in order. Use it as a context
+manager:
 
     with RedisServer() as server:
         client = redis.Redis.from_url(server.url)

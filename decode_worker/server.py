@@ -108,11 +108,12 @@ class DecodeWorker(WorkerServer, worker_pb2_grpc.DecodeServicer):
                     return
                 continue
             if isinstance(event, RequestOutput):
+                # Set before the last yield: the router may close the stream as soon as it has it.
+                finished = event.finished
                 yield worker_pb2.DecodeResponse(tokens=worker_pb2.TokenBatch(
                     token_ids=event.new_token_ids,
                     finish_reason=finish_to_proto(event.finish_reason)))
-                if event.finished:
-                    finished = True
+                if finished:
                     return
             else:
                 finished = True
