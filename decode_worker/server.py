@@ -86,7 +86,12 @@ class DecodeWorker(WorkerServer, worker_pb2_grpc.DecodeServicer):
         try:
             if remote:
                 num_cached = self.loop.call(self.engine.reserve, rid, prompt, sampling)
-                self.receiver.expect(request.transfer_id, rid, num_cached, len(prompt))
+                try:
+                    self.receiver.expect(request.transfer_id, rid, num_cached, len(prompt))
+                except ValueError:  # a transfer id in use: give the reservation back
+                    self.loop.call(self.engine.abort, rid)
+                    raise InvalidRequestError(
+                        f"transfer_id {request.transfer_id} is already in use", "transfer_id")
                 log.info("request_id=%s: reserved KV for %d prompt tokens (%d cached), transfer %s",
                          rid, len(prompt), num_cached, request.transfer_id)
                 yield worker_pb2.DecodeResponse(reserved=worker_pb2.Reserved(
@@ -94,7 +99,7 @@ class DecodeWorker(WorkerServer, worker_pb2_grpc.DecodeServicer):
                     num_blocks=-(-len(prompt) // self.engine.block_size)))
             else:
                 self.loop.call(self.engine.add_request, rid, prompt, sampling)
-        except Exception as exc:  # refused up front: nothing was allocated
+        except Exception as exc:  # refused up front: nothing is left allocated
             self.loop.unsubscribe(rid)
             finished = True
             code, message = abort_status(exc)

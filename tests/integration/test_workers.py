@@ -173,3 +173,20 @@ def test_bad_sampling_is_invalid_argument(workers):
                 prefill_mode=worker_pb2.PREFILL_MODE_LOCAL), timeout=10))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "top_p" in info.value.details()
+
+
+def test_transfer_id_in_use_is_refused_and_frees_its_reservation(workers):
+    prefill, decode = workers
+    free_before = decode.load().num_free_blocks
+    request = dict(prompt_token_ids=list(range(3, 40)), sampling=sampling_to_proto(GREEDY),
+                   prefill_mode=worker_pb2.PREFILL_MODE_REMOTE, transfer_id="shared-transfer")
+    with grpc.insecure_channel(decode.address, options=GRPC_OPTIONS) as chan:
+        stub = worker_pb2_grpc.DecodeStub(chan)
+        first = stub.Generate(worker_pb2.DecodeRequest(request_id="a", **request), timeout=30)
+        next(first)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(worker_pb2.DecodeRequest(request_id="b", **request), timeout=30))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "transfer_id" in info.value.details()
+        first.cancel()
+    assert wait_for(lambda: decode.load().num_free_blocks == free_before)
