@@ -29,6 +29,7 @@ from engine.request import (
     RequestStatus,
 )
 from engine.sequence import Sequence
+from engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Scheduler:
         self.held: dict[str, Sequence] = {}  # prefill_only, finished, blocks kept for read-out
         self.requests: dict[str, Sequence] = {}  # every sequence above
         self._pending: list[RequestOutput] = []  # outputs produced outside a forward pass
+        self.stats = EngineStats()
 
     # ------------------------------------------------------------------ admission
     def add(self, seq: Sequence) -> None:
@@ -244,6 +246,7 @@ class Scheduler:
             "request %s: preempted at %d tokens (KV blocks exhausted); will recompute",
             seq.request_id, seq.num_tokens,
         )
+        self.stats.num_preemptions += 1
         self.block_pool.free(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
