@@ -3,9 +3,11 @@
 A forward pass covers a flattened batch of T tokens from B sequences. Sequences whose query is a
 single token (decodes, and one-token prefill chunks) come first, then multi-token (prefill)
 sequences. For each layer: the new tokens' K/V are written into the paged pool at `slot_mapping`,
-then each sequence's whole context is gathered through its block table and fed to
-`scaled_dot_product_attention` with a boolean mask — one call for the single-token group and one
-for the multi-token group, vectorized over the sequences.
+then attention runs for the single-token group and the multi-token group, each vectorized over its
+sequences. Single-token sequences use the CPU decode kernel (engine/models/cpu_kernels.py), which
+reads the paged pool in place, where it applies; otherwise, and for multi-token sequences, each
+sequence's context is gathered through its block table and fed to `scaled_dot_product_attention`
+with a boolean mask.
 
 Pool layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]; a token at position p of a
 sequence lives in block block_table[p // block_size], row p % block_size.
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from engine.models import cpu_kernels
 
 
 @dataclass
@@ -118,6 +122,13 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, num_keys: int) -> t
     return kv.view(num_seqs, num_keys, *cache.shape[2:]).transpose(1, 2)
 
 
+def _decode_kernels(q: torch.Tensor, k_cache: torch.Tensor) -> cpu_kernels.CpuKernels | None:
+    """The CPU decode-attention kernel, where it applies (float32 on the CPU)."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        return None
+    return cpu_kernels.load()
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -132,9 +143,19 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v.to(v_cache.dtype)
     num_heads = q.shape[1]
     group = num_heads // num_kv_heads  # query heads per KV head (GQA/MQA), consecutive heads
-    out = torch.empty_like(q)
     num_single = meta.num_single
-    if num_single:
+    kernels = _decode_kernels(q, k_cache) if num_single else None
+    if kernels is not None and meta.multi_mask is None:  # decode only: in place, no gather
+        return kernels.decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, head_dim**-0.5
+        )
+    out = torch.empty_like(q)
+    if kernels is not None:
+        out[:num_single] = kernels.decode_attention(
+            q[:num_single], k_cache, v_cache, meta.block_tables[:num_single],
+            meta.context_lens[:num_single], head_dim**-0.5,
+        )
+    elif num_single:
         mask = meta.single_mask  # [Bs, 1, 1, Ls]
         keys = _gather(k_cache, meta.block_tables[:num_single], mask.shape[-1]).to(q.dtype)
         values = _gather(v_cache, meta.block_tables[:num_single], mask.shape[-1]).to(q.dtype)

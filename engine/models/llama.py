@@ -60,38 +60,43 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = (
             args.num_heads, args.num_kv_heads, args.head_dim
         )
-        self.q_proj = make_linear(args.dim, args.num_heads * args.head_dim, bias=args.qkv_bias)
-        self.k_proj = make_linear(args.dim, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.v_proj = make_linear(args.dim, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.o_proj = make_linear(args.num_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        # q, k and v in one matmul: the weight is read once per step instead of three times.
+        self.qkv_proj = make_linear(args.dim, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.o_proj = make_linear(self.q_size, args.dim, bias=args.o_bias)
 
     def forward(
         self,
         x: torch.Tensor,  # [T, dim]
-        cos: torch.Tensor,  # [T, head_dim]
+        cos: torch.Tensor,  # [T, 1, head_dim]
         sin: torch.Tensor,
         k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, head_dim]
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) * D]
+        # Rotate q and k together: one rope over [T, H + Hkv, D].
+        qk = apply_rope(
+            qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), cos, sin
+        )
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, Hkv, D]
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         o = paged_attention(q, k, v, k_cache, v_cache, meta)  # [T, H, D]
-        return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
+        return self.o_proj(o.view(num_tokens, self.q_size))
 
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.gate_proj = make_linear(args.dim, args.intermediate_size)
-        self.up_proj = make_linear(args.dim, args.intermediate_size)
+        self.intermediate_size = args.intermediate_size
+        self.gate_up_proj = make_linear(args.dim, 2 * args.intermediate_size)  # gate rows, then up
         self.down_proj = make_linear(args.intermediate_size, args.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -136,7 +141,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Hidden states after the final norm: [T, dim]."""
         x = self.embed_tokens(input_ids)  # [T, dim]
-        cos, sin = rope_cos_sin(meta.positions, self.inv_freq, x.dtype)  # [T, head_dim]
+        cos, sin = rope_cos_sin(meta.positions, self.inv_freq, x.dtype)  # [T, 1, head_dim]
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return self.norm(x)
@@ -146,23 +151,52 @@ class LlamaModel(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copy HF-named tensors in; refuses missing or unexpected names."""
-        ours = dict(self.named_parameters())
+        """Copy HF-named tensors in; refuses missing, unexpected or misshapen ones.
+
+        HF's separate q/k/v and gate/up projections fill row ranges of the fused ones.
+        """
+        targets = self._hf_targets()
         seen = set()
         for hf_name, tensor in state_dict.items():
             name = hf_name.removeprefix("model.")
             if name == "lm_head.weight" and self.args.tie_word_embeddings:
                 continue  # some checkpoints store the tied copy too
-            if name not in ours:
+            if name not in targets:
                 raise ValueError(f"unexpected weight {hf_name!r} in checkpoint")
-            if ours[name].shape != tensor.shape:
+            param, row_start, row_end = targets[name]
+            expected = (row_end - row_start, *param.shape[1:])
+            if tuple(tensor.shape) != expected:
                 raise ValueError(
-                    f"weight {hf_name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(ours[name].shape)}"
+                    f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {expected}"
                 )
             with torch.no_grad():
-                ours[name].copy_(tensor)
+                param[row_start:row_end].copy_(tensor)
             seen.add(name)
-        missing = set(ours) - seen
+        missing = set(targets) - seen
         if missing:
             raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")
+
+    def _hf_targets(self) -> dict[str, tuple[torch.Tensor, int, int]]:
+        """HF parameter name (without "model.") -> (our parameter, first row, end row)."""
+        args = self.args
+        q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        inter = args.intermediate_size
+        shards = {
+            "self_attn.qkv_proj": [("self_attn.q_proj", 0, q), ("self_attn.k_proj", q, q + kv),
+                                   ("self_attn.v_proj", q + kv, q + 2 * kv)],
+            "mlp.gate_up_proj": [("mlp.gate_proj", 0, inter), ("mlp.up_proj", inter, 2 * inter)],
+        }
+        targets = {}
+        for name, param in self.named_parameters():
+            if name == "lm_head.weight" and args.tie_word_embeddings:
+                continue
+            module_name, _, kind = name.rpartition(".")  # "layers.3.mlp.gate_up_proj", "weight"
+            for fused, parts in shards.items():
+                if module_name.endswith(fused):
+                    layer_prefix = module_name[: -len(fused)]
+                    for hf_module, start, end in parts:
+                        targets[f"{layer_prefix}{hf_module}.{kind}"] = (param, start, end)
+                    break
+            else:
+                targets[name] = (param, 0, param.shape[0])
+        return targets
