@@ -7,7 +7,12 @@ one process (tests) and each worker serves only its own series. Names follow DES
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+
+from engine.stats import EngineStats, StepTiming
 
 # Latency buckets (seconds) from 1 ms to 60 s; TTFT and ITL on a CPU span that whole range.
 LATENCY_BUCKETS = (
@@ -70,3 +75,42 @@ class WorkerMetrics:
             "KV payload bytes moved between workers (received on decode, sent on prefill).",
             labels, registry=registry,
         ).labels(*values)
+        self._step_seconds = Histogram(
+            "baton_engine_step_seconds",
+            "Wall time of one engine step, by phase: prefill (the batch computes a multi-token "
+            "chunk) or decode (one token per sequence).",
+            [*labels, "phase"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self._prefill_step = self._step_seconds.labels(*values, "prefill")
+        self._decode_step = self._step_seconds.labels(*values, "decode")
+        self._labels, self._values = labels, values
+
+    def observe_step(self, step: StepTiming) -> None:
+        (self._prefill_step if step.is_prefill else self._decode_step).observe(step.seconds)
+
+    def track_engine_stats(self, read: Callable[[], EngineStats]) -> None:
+        """Export the engine's cumulative counters, read at scrape time."""
+        self.registry.register(_EngineStatsCollector(read, self._labels, self._values))
+
+
+class _EngineStatsCollector:
+    """Counters kept by the engine itself (engine/stats.py), exported when Prometheus scrapes."""
+
+    _COUNTERS = (
+        ("baton_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+         "prefix_cache_queries"),
+        ("baton_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed, "
+         "not received).", "prefix_cache_hits"),
+        ("baton_num_preemptions", "Sequences preempted for lack of KV blocks (to be recomputed).",
+         "num_preemptions"),
+    )
+
+    def __init__(self, read: Callable[[], EngineStats], labels: list[str], values: tuple) -> None:
+        self._read, self._labels, self._values = read, labels, values
+
+    def collect(self):
+        stats = self._read()
+        for name, documentation, field in self._COUNTERS:
+            family = CounterMetricFamily(name, documentation, labels=self._labels)
+            family.add_metric(self._values, getattr(stats, field))
+            yield family

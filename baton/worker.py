@@ -46,9 +46,12 @@ class WorkerServer:
         self.host = host
         self._port = port
         self.engine = LLMEngine(engine_config)
-        self.loop = EngineLoop(self.engine, name=f"{self.role}-engine")
         self.registry = CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry, model_name, self.role, worker_id)
+        self.metrics.track_engine_stats(lambda: self.engine.stats)
+        self.loop = EngineLoop(
+            self.engine, name=f"{self.role}-engine", on_step=self.metrics.observe_step
+        )
         self.metrics.num_requests_running.set_function(lambda: self.loop.load().num_running)
         self.metrics.num_requests_waiting.set_function(lambda: self.loop.load().num_waiting)
         self.metrics.kv_cache_usage_ratio.set_function(lambda: self.loop.load().kv_usage)

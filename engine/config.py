@@ -90,10 +90,9 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_bytes must be > 0")
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < self.block_size:
+        if self.max_num_batched_tokens <= 0:
             raise ValueError(
-                f"max_num_batched_tokens must be >= block_size ({self.block_size}), "
-                f"got {self.max_num_batched_tokens}"
+                f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}"
             )
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise ValueError(f"max_model_len must be > 1, got {self.max_model_len}")

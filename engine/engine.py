@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from engine.request import InvalidRequestError, RequestOutput, SamplingParams, c
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.stats import EngineStats, StepTiming
 from engine.weights import load_state_dict
 
 logger = logging.getLogger(__name__)
@@ -117,12 +119,17 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
         )
         self.runner = ModelRunner(model, self.kv_cache, self.device)
+        self.last_step: StepTiming | None = None
         logger.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
             model_dir, self.device, self.dtype, num_blocks, self.block_size, self.max_model_len,
         )
 
     # ------------------------------------------------------------------ properties
+    @property
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats
+
     @property
     def num_total_blocks(self) -> int:
         return self.block_pool.num_total_blocks
@@ -157,11 +164,20 @@ class LLMEngine:
         logger.debug("request %s: added, %d prompt tokens", request_id, seq.num_prompt_tokens)
 
     def step(self) -> list[RequestOutput]:
+        """One forward pass over what the scheduler picks; sets last_step (None if nothing ran)."""
+        start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            self.last_step = None
             return self.scheduler.take_pending()
         sampled = self.runner.execute(scheduled)
-        return self.scheduler.update(scheduled, sampled)
+        outputs = self.scheduler.update(scheduled, sampled)
+        self.last_step = StepTiming(
+            is_prefill=any(item.num_new_tokens > 1 for item in scheduled),
+            num_tokens=sum(item.num_new_tokens for item in scheduled),
+            seconds=time.perf_counter() - start,
+        )
+        return outputs
 
     def has_unfinished(self) -> bool:
         s = self.scheduler

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from engine.request import RequestOutput
+from engine.stats import StepTiming
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,16 @@ Event = RequestOutput | BaseException
 
 
 class EngineLoop:
-    def __init__(self, engine: Any, name: str = "engine") -> None:
+    def __init__(
+        self,
+        engine: Any,
+        name: str = "engine",
+        on_step: Callable[[StepTiming], None] | None = None,
+    ) -> None:
+        """on_step, if given, is called on the engine thread after every step that ran."""
         self.engine = engine
         self._name = name
+        self._on_step = on_step
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._subscribers: dict[str, queue.SimpleQueue[Event]] = {}
@@ -115,6 +123,8 @@ class EngineLoop:
                     continue
                 self._deliver(outputs)
                 self._load = self._read_load()
+                if self._on_step is not None and engine.last_step is not None:
+                    self._on_step(engine.last_step)
             else:
                 self._load = self._read_load()
                 self._wakeup.wait(0.1)

@@ -1,7 +1,7 @@
 """Counters the engine keeps about itself, read by the worker shells for their metrics. Torch-free.
 
-Cumulative since the engine started; the worker shell turns the differences into Prometheus
-counters. Step times are kept for the last step only: the loop that calls `step()` observes them.
+EngineStats is cumulative since the engine started; the worker shell exports it as Prometheus
+counters at scrape time. StepTiming describes one step; the loop that calls `step()` observes it.
 """
 
 from __future__ import annotations
@@ -14,3 +14,13 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found cached (not computed, not received)
     num_preemptions: int = 0  # sequences preempted (blocks freed, to be recomputed)
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """One engine step: a prefill step computes at least one multi-token chunk (a prompt, or a
+    recompute after preemption); a decode step only advances sequences by one token each."""
+
+    is_prefill: bool
+    num_tokens: int  # tokens computed in the forward pass
+    seconds: float  # wall time of the forward pass, sampling and bookkeeping

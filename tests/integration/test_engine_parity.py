@@ -2,7 +2,8 @@
 
 Every tiny architecture (GQA, MHA with tied embeddings, MQA, Qwen2 with qkv bias, Mistral), eight
 prompts of 1..300 tokens under continuous batching (half join while the others run), with and
-without chunked prefill, and after preemptions forced by a small KV pool.
+without chunked prefill (chunks of 1, 7, 32 and 64 tokens), after preemptions forced by a small KV
+pool, and for one prompt alone or among 32. Seeded sampling gives the same tokens alone and batched.
 """
 
 import functools
@@ -75,6 +76,67 @@ def test_greedy_matches_transformers(name, budget):
         assert outputs[i] == expected[i], f"prompt {i} ({len(prompt)} tokens)"
     assert engine.num_free_blocks == engine.num_total_blocks
     assert engine.num_running == engine.num_waiting == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias"])
+def test_greedy_matches_transformers_with_small_prefill_chunks(name, chunk):
+    """The step budget caps every prefill chunk (and, at 1, lets one sequence advance per step)."""
+    prompts, expected = reference(name)
+    engine = engine_for(name, max_num_batched_tokens=chunk)
+    outputs = run_continuous(engine, prompts)
+    for i, prompt in enumerate(prompts):
+        assert outputs[i] == expected[i], f"prompt {i} ({len(prompt)} tokens), chunk {chunk}"
+    assert engine.num_free_blocks == engine.num_total_blocks
+
+
+def run_batch(engine: LLMEngine, prompts: list[list[int]], samplings: list[SamplingParams]) -> list:
+    for i, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+        engine.add_request(str(i), prompt, sampling)
+    outputs = [[] for _ in prompts]
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[int(out.request_id)] += out.new_token_ids
+    return outputs
+
+
+def test_one_prompt_alone_and_among_32_gives_the_same_greedy_tokens():
+    name = "llama-gqa"
+    model_dir = tiny_model(name)
+    prompts, expected = reference(name)
+    target = prompts[6]  # 100 tokens
+    rng = random.Random(99)
+    vocab = ModelConfig.from_dir(model_dir).vocab_size
+    others = [[rng.randrange(vocab) for _ in range(rng.randrange(1, 200))] for _ in range(31)]
+    batch = others[:13] + [target] + others[13:]
+    alone = run_batch(engine_for(name), [target], [GREEDY])[0]
+    batched = run_batch(engine_for(name, kv_cache_memory_bytes=16 << 20), batch, [GREEDY] * 32)
+    assert alone == expected[6]
+    assert batched[13] == expected[6]
+    assert all(len(out) == NUM_NEW for out in batched)
+
+
+def test_seeded_sampling_gives_the_same_tokens_alone_and_in_a_batch():
+    name = "llama-mha-tied"
+    prompts, _ = reference(name)
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=2024, max_tokens=NUM_NEW,
+                            ignore_eos=True)
+    alone = run_batch(engine_for(name), [prompts[4]], [seeded])[0]
+    rng = random.Random(5)
+    samplings = [
+        SamplingParams(temperature=rng.choice([0.0, 0.7, 1.3]), top_p=rng.choice([1.0, 0.8]),
+                       seed=rng.choice([None, rng.randrange(1000)]), max_tokens=NUM_NEW,
+                       ignore_eos=True)
+        for _ in range(len(prompts))
+    ]
+    samplings[4] = seeded
+    batched = run_batch(engine_for(name), prompts, samplings)
+    assert batched[4] == alone
+    again = run_batch(engine_for(name), [prompts[4]], [seeded])[0]
+    assert again == alone
+    other_seed = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=2025,
+                                max_tokens=NUM_NEW, ignore_eos=True)
+    assert run_batch(engine_for(name), [prompts[4]], [other_seed])[0] != alone  # the seed matters
 
 
 def test_preemption_keeps_greedy_output_identical(caplog):

@@ -76,3 +76,33 @@ def test_weights_equal_transformers_gguf_loader(model_dir):
     for name, tensor in ours.items():
         assert torch.equal(tensor, expected[name]), name
     assert set(expected) - set(ours) <= {"lm_head.weight"}
+
+
+def test_greedy_among_32_requests_matches_hf(model_dir):
+    """Batched decode (oneDNN GEMMs, the attention kernel over 32 sequences) gives the tokens of
+    transformers at batch 1 (gemv, BLAS): exact, on real weights with real near-ties."""
+    from tests.support.models import hf_generate_greedy
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    questions = [f"Name {n} animals that live in the {place}." for n in (2, 3, 4, 5)
+                 for place in ("sea", "desert", "forest", "mountains", "city", "jungle", "arctic",
+                               "savanna")]
+    prompts = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                          add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False)
+        for q in questions
+    ]
+    assert len(prompts) == 32
+    num_new = 24
+    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory_bytes=64 << 20))
+    sampling = SamplingParams(temperature=0, max_tokens=num_new, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, sampling)
+    outputs = [[] for _ in prompts]
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[int(out.request_id)] += out.new_token_ids
+    for i in (0, 13, 31):
+        assert outputs[i] == hf_generate_greedy(model_dir, prompts[i], num_new), questions[i]
