@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _SDK_NAMES = (
-    "Client", "AsyncClient", "Result", "Chunk", "Usage", "ModelInfo", "BatonError",
+    "Client", "AsyncClient", "Result", "Choice", "Chunk", "TokenLogprob", "Usage", "ModelInfo",
+    "BatonError",
     "BadRequestError", "OverloadedError", "UnavailableError", "DeadlineExceededError",
 )
 __all__ = list(_SDK_NAMES)
@@ -22,12 +23,14 @@ if TYPE_CHECKING:
         AsyncClient,
         BadRequestError,
         BatonError,
+        Choice,
         Chunk,
         Client,
         DeadlineExceededError,
         ModelInfo,
         OverloadedError,
         Result,
+        TokenLogprob,
         UnavailableError,
         Usage,
     )

@@ -9,8 +9,11 @@
             print(chunk.text, end="", flush=True)
 
 Inputs: a text `prompt` (no chat template), chat `messages` (the model's template is applied) or
-`token_ids` — exactly one. Sampling: temperature, top_p, top_k, seed, max_tokens, stop, ignore_eos;
-unset values take the server's defaults. `timeout` is the deadline of the whole call (retries
+`token_ids` — exactly one. Sampling: temperature, top_p, top_k, min_p, seed, max_tokens, stop,
+stop_token_ids, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty; unset values
+take the server's defaults. `logprobs=k` returns each token's log-probability and its k most
+likely alternatives (Chunk.logprobs); `n` asks for n choices of one prompt (chunks carry their
+choice index; Result.choices holds them all, Result.text is choice 0's). `timeout` is the deadline of the whole call (retries
 included). A call that fails with UNAVAILABLE before any token arrived is retried with backoff up
 to `max_retries` times; later failures raise. Failures raise BatonError subclasses named after
 their cause. This module imports grpc and the generated stubs only (no torch, no engine).
@@ -53,23 +56,48 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, with the most likely tokens (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """New output of a streamed request. The last chunk has finish_reason and usage set."""
+    """New output of one choice of a streamed request. A choice's last chunk has finish_reason
+    set; the request's last chunk also has usage (all choices)."""
 
     request_id: str
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     usage: Usage | None = None
+    index: int = 0  # the choice
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id when logprobs was asked for
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class Result:
+    """A finished request; text, token_ids, finish_reason and logprobs are choice 0's."""
+
     request_id: str
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str
     usage: Usage
+    logprobs: tuple[TokenLogprob, ...] = ()
+    choices: tuple[Choice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,7 +151,10 @@ def _request(prompt: str | None, messages: Sequence[Message] | None,
              token_ids: Sequence[int] | None, *, model: str | None, request_id: str | None,
              temperature: float | None, top_p: float | None, top_k: int | None,
              seed: int | None, max_tokens: int | None, stop: str | Sequence[str] | None,
-             ignore_eos: bool) -> generation_pb2.GenerateRequest:
+             ignore_eos: bool, min_p: float | None = None, presence_penalty: float | None = None,
+             frequency_penalty: float | None = None, repetition_penalty: float | None = None,
+             logprobs: int | None = None, n: int | None = None,
+             stop_token_ids: Sequence[int] | None = None) -> generation_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
         raise TypeError("pass exactly one of prompt, messages or token_ids")
     req = generation_pb2.GenerateRequest(request_id=request_id or f"sdk-{uuid.uuid4().hex}",
@@ -142,9 +173,15 @@ def _request(prompt: str | None, messages: Sequence[Message] | None,
         if not token_ids:
             req.token_ids.SetInParent()
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
-                        ("seed", seed), ("max_tokens", max_tokens)):
+                        ("seed", seed), ("max_tokens", max_tokens), ("min_p", min_p),
+                        ("presence_penalty", presence_penalty),
+                        ("frequency_penalty", frequency_penalty),
+                        ("repetition_penalty", repetition_penalty), ("logprobs", logprobs),
+                        ("n", n)):
         if value is not None:
             setattr(req, name, value)
+    if stop_token_ids is not None:
+        req.stop_token_ids.extend(stop_token_ids)
     if stop is not None:
         req.stop.extend([stop] if isinstance(stop, str) else list(stop))
     return req
@@ -155,16 +192,33 @@ def _chunk(msg: generation_pb2.GenerateResponse) -> Chunk:
     if msg.HasField("usage"):
         usage = Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens,
                       msg.usage.cached_tokens)
-    return Chunk(msg.request_id, msg.text, tuple(msg.token_ids), _FINISH[msg.finish_reason], usage)
+    logprobs = tuple(TokenLogprob(lp.token_id, lp.logprob,
+                                  tuple((t.token_id, t.logprob) for t in lp.top))
+                     for lp in msg.logprobs)
+    return Chunk(msg.request_id, msg.text, tuple(msg.token_ids), _FINISH[msg.finish_reason], usage,
+                 msg.index, logprobs)
 
 
 def _result(chunks: list[Chunk]) -> Result:
     last = chunks[-1] if chunks else None
     if last is None or last.finish_reason is None or last.usage is None:
         raise BatonError("INTERNAL", "the stream ended without a finish reason")
-    return Result(request_id=last.request_id, text="".join(c.text for c in chunks),
-                  token_ids=tuple(t for c in chunks for t in c.token_ids),
-                  finish_reason=last.finish_reason, usage=last.usage)
+    by_index: dict[int, list[Chunk]] = {}
+    for chunk in chunks:
+        by_index.setdefault(chunk.index, []).append(chunk)
+    choices = []
+    for index in sorted(by_index):
+        own = by_index[index]
+        finish = next((c.finish_reason for c in reversed(own) if c.finish_reason), None)
+        if finish is None:
+            raise BatonError("INTERNAL", f"choice {index} ended without a finish reason")
+        choices.append(Choice(index, "".join(c.text for c in own),
+                              tuple(t for c in own for t in c.token_ids), finish,
+                              tuple(lp for c in own for lp in c.logprobs)))
+    first = choices[0]
+    return Result(request_id=last.request_id, text=first.text, token_ids=first.token_ids,
+                  finish_reason=first.finish_reason, usage=last.usage, logprobs=first.logprobs,
+                  choices=tuple(choices))
 
 
 class _Base:
@@ -203,10 +257,17 @@ class Client(_Base):
                top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                max_tokens: int | None = None, stop: str | Sequence[str] | None = None,
                ignore_eos: bool = False, request_id: str | None = None,
-               timeout: float | None = None) -> Iterator[Chunk]:
+               timeout: float | None = None, min_p: float | None = None,
+               presence_penalty: float | None = None, frequency_penalty: float | None = None,
+               repetition_penalty: float | None = None, logprobs: int | None = None,
+               n: int | None = None, stop_token_ids: Sequence[int] | None = None,
+               ) -> Iterator[Chunk]:
         req = _request(prompt, messages, token_ids, model=self.model, request_id=request_id,
                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                       max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos)
+                       max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos, min_p=min_p,
+                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                       repetition_penalty=repetition_penalty, logprobs=logprobs, n=n,
+                       stop_token_ids=stop_token_ids)
         deadline = time.monotonic() + (timeout or self.timeout)
         attempt = 0
         while True:
@@ -273,10 +334,18 @@ class AsyncClient(_Base):
                      seed: int | None = None, max_tokens: int | None = None,
                      stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
                      request_id: str | None = None,
-                     timeout: float | None = None) -> AsyncIterator[Chunk]:
+                     timeout: float | None = None, min_p: float | None = None,
+                     presence_penalty: float | None = None,
+                     frequency_penalty: float | None = None,
+                     repetition_penalty: float | None = None, logprobs: int | None = None,
+                     n: int | None = None, stop_token_ids: Sequence[int] | None = None,
+                     ) -> AsyncIterator[Chunk]:
         req = _request(prompt, messages, token_ids, model=self.model, request_id=request_id,
                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                       max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos)
+                       max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos, min_p=min_p,
+                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                       repetition_penalty=repetition_penalty, logprobs=logprobs, n=n,
+                       stop_token_ids=stop_token_ids)
         deadline = time.monotonic() + (timeout or self.timeout)
         attempt = 0
         while True:

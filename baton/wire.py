@@ -4,7 +4,7 @@ every server and channel. Protobuf stops here: cores only see dataclasses."""
 from __future__ import annotations
 
 from baton.v1 import common_pb2
-from engine.request import FinishReason, SamplingParams
+from engine.request import FinishReason, SamplingParams, TokenLogprob
 
 # KV chunks are ~1 MiB; leave room for headers without accepting unbounded messages.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -33,6 +33,13 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
     )
     if params.seed is not None:
         msg.seed = params.seed
+    msg.presence_penalty = params.presence_penalty
+    msg.frequency_penalty = params.frequency_penalty
+    if params.repetition_penalty != 1.0:
+        msg.repetition_penalty = params.repetition_penalty
+    msg.min_p = params.min_p
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
     return msg
 
 
@@ -46,7 +53,23 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         max_tokens=msg.max_tokens,
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        min_p=msg.min_p,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
+
+
+def logprob_to_proto(logprob: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=logprob.token_id, logprob=logprob.logprob,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in logprob.top],
+    )
+
+
+def logprob_from_proto(msg: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(msg.token_id, msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))
 
 
 def finish_to_proto(reason: FinishReason | None) -> int:

@@ -2,9 +2,10 @@
 
 Request lifecycle here:
   LOCAL:  Generate -> engine.add_request -> tokens stream back as steps produce them.
-  REMOTE: Generate -> engine.reserve (blocks for the prompt) + receiver.expect (lease) -> first
-          message Reserved -> a prefill worker pushes the KV (KVTransfer.Push, validated, written
-          into the reserved blocks) -> the last chunk commits the request with its first token ->
+  REMOTE: Generate -> engine.reserve (the prompt's cached blocks, new blocks for the rest) +
+          receiver.expect (lease) -> first message Reserved (num_cached_tokens) -> a prefill worker
+          pushes the KV of the uncached tokens (KVTransfer.Push, validated, written into the
+          reserved blocks) -> the last chunk commits the request with its first token ->
           tokens 2..N stream back. A failed or expired transfer frees the blocks and ends the
           stream with an error status.
   The stream ends with a TokenBatch carrying the finish reason. If the router goes away or calls
@@ -19,7 +20,7 @@ import queue
 import grpc
 
 from baton.v1 import kvtransfer_pb2_grpc, worker_pb2, worker_pb2_grpc
-from baton.wire import finish_to_proto, sampling_from_proto
+from baton.wire import finish_to_proto, logprob_to_proto, sampling_from_proto
 from baton.worker import WorkerServer, abort_status, load_to_proto
 from engine.loop import LoopStopped, RequestFailed
 from engine.request import InvalidRequestError, RequestOutput
@@ -117,7 +118,8 @@ class DecodeWorker(WorkerServer, worker_pb2_grpc.DecodeServicer):
                 finished = event.finished
                 yield worker_pb2.DecodeResponse(tokens=worker_pb2.TokenBatch(
                     token_ids=event.new_token_ids,
-                    finish_reason=finish_to_proto(event.finish_reason)))
+                    finish_reason=finish_to_proto(event.finish_reason),
+                    logprobs=[logprob_to_proto(lp) for lp in event.logprobs or ()]))
                 if finished:
                     return
             else:

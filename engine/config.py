@@ -78,6 +78,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill is chunked to fit)
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     num_threads: int | None = None  # torch threads; None = leave torch's default
+    enable_prefix_caching: bool = True  # reuse the K/V of cached full blocks of earlier requests
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

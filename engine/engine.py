@@ -3,8 +3,12 @@
 Local request:   add_request -> step()* (first token after the prefill, then one per decode step)
 Prefill role:    add_request(prefill_only=True) -> step()* reports the first token, the request
                  keeps its blocks -> read_kv(...)* -> release()
-Decode role:     reserve -> write_kv(...)* -> commit(first_token) -> step()* reports tokens 1..
+Decode role:     reserve (returns the prompt tokens already cached here) -> write_kv(...)* for the
+                 rest -> commit(first_token) -> step()* reports tokens 1..
 abort() works in every state and frees the request's blocks.
+
+With enable_prefix_caching, both roles reuse the K/V of full blocks cached from earlier requests
+(engine/radix_cache.py); take_kv_events() drains what the cache stored and evicted.
 
 Start-up values (number of KV blocks, EOS ids, max_model_len) live here, never in EngineConfig.
 """
@@ -24,6 +28,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache, kv_bytes_per_token
 from engine.models.layers import rope_inv_freq
 from engine.models.llama import LlamaModel, ModelArgs
+from engine.radix_cache import KVEvent, RadixCache
 from engine.request import InvalidRequestError, RequestOutput, SamplingParams, check_prompt
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
@@ -109,7 +114,10 @@ class LLMEngine:
             num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, dtype=self.kv_dtype,
             device=self.device,
         )
-        self.block_pool = BlockPool(num_blocks)
+        self.prefix_cache = RadixCache(self.block_size) if config.enable_prefix_caching else None
+        self.block_pool = BlockPool(
+            num_blocks, on_evict=self.prefix_cache.evict if self.prefix_cache is not None else None
+        )
         self.scheduler = Scheduler(
             self.block_pool,
             block_size=self.block_size,
@@ -117,6 +125,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids,
+            prefix_cache=self.prefix_cache,
         )
         self.runner = ModelRunner(model, self.kv_cache, self.device)
         self.last_step: StepTiming | None = None
@@ -170,8 +179,8 @@ class LLMEngine:
         if not scheduled:
             self.last_step = None
             return self.scheduler.take_pending()
-        sampled = self.runner.execute(scheduled)
-        outputs = self.scheduler.update(scheduled, sampled)
+        sampled, logprobs = self.runner.execute(scheduled)
+        outputs = self.scheduler.update(scheduled, sampled, logprobs)
         self.last_step = StepTiming(
             is_prefill=any(item.num_new_tokens > 1 for item in scheduled),
             num_tokens=sum(item.num_new_tokens for item in scheduled),
@@ -188,6 +197,22 @@ class LLMEngine:
         if aborted:
             logger.info("request %s: aborted", request_id)
         return aborted
+
+    # ------------------------------------------------------------------ prefix cache
+    def take_kv_events(self) -> list[KVEvent]:
+        """The prefix cache's BlockStored / BlockRemoved / AllBlocksCleared events since the last
+        call, oldest first ([] without prefix caching)."""
+        return self.prefix_cache.take_events() if self.prefix_cache is not None else []
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block; refused (False) while any block is in use."""
+        if self.prefix_cache is None:
+            return True
+        if self.block_pool.num_used_blocks:
+            return False
+        self.prefix_cache.clear()
+        self.block_pool.uncache_all()
+        return True
 
     # ------------------------------------------------------------------ prefill role
     def read_kv(
@@ -207,9 +232,10 @@ class LLMEngine:
     def reserve(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
     ) -> int:
+        """Reserve blocks for the prompt; returns how many of its leading tokens are cached here
+        (their blocks are shared: write_kv refuses them)."""
         seq = self._new_sequence(request_id, prompt_token_ids, sampling, prefill_only=False)
-        self.scheduler.reserve(seq)
-        return 0
+        return self.scheduler.reserve(seq)
 
     def write_kv(
         self,
@@ -225,6 +251,12 @@ class LLMEngine:
         if seq is None:
             raise ValueError(f"request {request_id} is not waiting for KV")
         self._check_ranges(layer_start, layer_end, token_start, token_end, seq.num_prompt_tokens)
+        if token_start < seq.num_computed_tokens:
+            raise ValueError(
+                f"token range [{token_start}, {token_end}) starts below the "
+                f"{seq.num_computed_tokens} prompt tokens cached here for request {request_id} "
+                "(their blocks are shared)"
+            )
         mc = self.model_config
         shape = (layer_end - layer_start, token_end - token_start, mc.num_kv_heads, mc.head_dim)
         for name, t in (("k", k), ("v", v)):

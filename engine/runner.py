@@ -12,7 +12,8 @@ import torch
 from engine.kv_cache import KVCache
 from engine.models.attention import AttentionMetadata
 from engine.models.llama import LlamaModel
-from engine.sampler import SamplingRow, sample
+from engine.request import TokenLogprob
+from engine.sampler import SamplingRow, sample, token_logprobs
 from engine.scheduler import ScheduledSequence
 
 
@@ -23,8 +24,11 @@ class ModelRunner:
         self.device = device
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> list[int | None]:
-        """One forward pass; returns the sampled token per scheduled entry (None if none)."""
+    def execute(
+        self, scheduled: list[ScheduledSequence]
+    ) -> tuple[list[int | None], list[TokenLogprob | None] | None]:
+        """One forward pass; returns the sampled token per scheduled entry (None if none), and
+        their logprobs where requested (the list is None when no entry asked)."""
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
         batch = [scheduled[i] for i in order]
         input_ids: list[int] = []
@@ -44,14 +48,22 @@ class ModelRunner:
         sampling_pos = [j for j, item in enumerate(batch) if item.samples]
         result: list[int | None] = [None] * len(scheduled)
         if not sampling_pos:
-            return result
+            return result, None
         last_token = meta.query_start_loc[1:] - 1  # [B]
         rows_index = torch.tensor(sampling_pos, dtype=torch.int64).to(self.device)
         logits = self.model.compute_logits(hidden[last_token[rows_index]])  # [N, vocab]
+        seqs = [batch[j].seq for j in sampling_pos]
         rows = [
-            SamplingRow(batch[j].seq.sampling, batch[j].seq.seed, batch[j].seq.num_output_tokens)
-            for j in sampling_pos
+            SamplingRow(s.sampling, s.seed, s.num_output_tokens, s.token_ids, s.num_prompt_tokens)
+            for s in seqs
         ]
-        for j, token_id in zip(sampling_pos, sample(logits, rows)):
-            result[order[j]] = token_id
-        return result
+        token_ids = sample(logits, rows)
+        logprobs = token_logprobs(logits, rows, token_ids)  # None unless a row asks
+        result_logprobs: list[TokenLogprob | None] | None = None
+        if logprobs is not None:
+            result_logprobs = [None] * len(scheduled)
+        for r, j in enumerate(sampling_pos):
+            result[order[j]] = token_ids[r]
+            if result_logprobs is not None:
+                result_logprobs[order[j]] = logprobs[r]
+        return result, result_logprobs

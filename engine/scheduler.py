@@ -7,6 +7,15 @@ When a running sequence needs a block and none is free, the most recently admitt
 is preempted: its blocks are freed and it returns to the head of the waiting queue, to be
 recomputed from its prompt and outputs (greedy and seeded sampling are unaffected).
 
+With a prefix cache (engine/radix_cache.py), admission looks up the sequence's tokens but the last
+(at least one token is always computed, for its logits), takes the cached blocks found and starts
+the sequence at num_computed_tokens = hits * block_size; a reservation looks up the whole prompt.
+After every step, blocks that became full of computed tokens are registered in the cache (a
+reservation's only at commit, once its K/V has arrived). Block tables are freed in reverse, so a
+sequence's blocks stay cached (cached-free) until evicted, deepest first; a preempted sequence
+usually finds its own blocks again when it is recomputed. Block tables only ever grow while a
+sequence holds them: a block computed twice stays a private copy rather than being swapped.
+
 Lifecycle of a sequence here:
     add -> waiting -> running -> finished (blocks freed; reported once by update/take_pending)
     reserve -> reserved (WAITING_FOR_KV, blocks held) -> commit -> running -> ...
@@ -21,12 +30,14 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.block_pool import BlockPool
+from engine.radix_cache import RadixCache
 from engine.request import (
     FinishReason,
     InvalidRequestError,
     NoCapacityError,
     RequestOutput,
     RequestStatus,
+    TokenLogprob,
 )
 from engine.sequence import Sequence
 from engine.stats import EngineStats
@@ -55,8 +66,15 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: frozenset[int],
+        prefix_cache: RadixCache | None = None,
     ) -> None:
+        """prefix_cache, if given, must be the one block_pool evicts from (its on_evict)."""
+        if prefix_cache is not None and prefix_cache.block_size != block_size:
+            raise ValueError(
+                f"prefix_cache.block_size {prefix_cache.block_size} != block_size {block_size}"
+            )
         self.block_pool = block_pool
+        self.prefix_cache = prefix_cache
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -77,19 +95,24 @@ class Scheduler:
         self.waiting.append(seq)
         self.requests[seq.request_id] = seq
 
-    def reserve(self, seq: Sequence) -> None:
-        """Allocate blocks for the whole prompt; the KV will be written from outside."""
+    def reserve(self, seq: Sequence) -> int:
+        """Take the cached blocks of the prompt's longest cached prefix and allocate the rest; the
+        K/V of the uncached tokens will be written from outside. Returns the number of cached
+        tokens (a multiple of block_size; possibly the whole prompt)."""
         self._check_new(seq)
-        num_blocks = self._blocks_for(seq.num_prompt_tokens)
-        if not self.block_pool.can_allocate(num_blocks):
+        hit_ids = self._match(seq.prompt_token_ids)
+        num_blocks = self._blocks_for(seq.num_prompt_tokens) - len(hit_ids)
+        num_taken = num_blocks + self.block_pool.num_free_among(hit_ids)
+        if not self.block_pool.can_allocate(num_taken):
             raise NoCapacityError(
-                f"request {seq.request_id} needs {num_blocks} KV blocks, "
+                f"request {seq.request_id} needs {num_taken} KV blocks, "
                 f"{self.block_pool.num_free_blocks} are free"
             )
-        seq.block_table = self.block_pool.allocate(num_blocks)
+        self._take_blocks(seq, hit_ids, num_blocks)
         seq.status = RequestStatus.WAITING_FOR_KV
         self.reserved[seq.request_id] = seq
         self.requests[seq.request_id] = seq
+        return seq.num_computed_tokens
 
     def commit(self, request_id: str, first_token_id: int) -> None:
         seq = self.reserved.get(request_id)
@@ -97,6 +120,7 @@ class Scheduler:
             raise ValueError(f"request {request_id} is not waiting for KV")
         del self.reserved[request_id]
         seq.num_computed_tokens = seq.num_prompt_tokens
+        self._cache_full_blocks(seq)
         seq.token_ids.append(first_token_id)
         seq.status = RequestStatus.RUNNING
         if self._check_finish(seq):
@@ -159,12 +183,15 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            needed = self._blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table)
-            if not self.block_pool.can_allocate(needed):
+            # A waiting sequence holds no block (new, or preempted); the last token is computed.
+            hit_ids = self._match(seq.token_ids[:-1])
+            num_computed = len(hit_ids) * self.block_size
+            num_new = min(seq.num_tokens - num_computed, budget)
+            needed = self._blocks_for(num_computed + num_new) - len(hit_ids)
+            if not self.block_pool.can_allocate(needed + self.block_pool.num_free_among(hit_ids)):
                 break
             self.waiting.popleft()
-            seq.block_table.extend(self.block_pool.allocate(needed))
+            self._take_blocks(seq, hit_ids, needed)
             seq.status = RequestStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, num_new))
@@ -172,19 +199,31 @@ class Scheduler:
         return scheduled
 
     def update(
-        self, scheduled: list[ScheduledSequence], sampled_token_ids: list[int | None]
+        self,
+        scheduled: list[ScheduledSequence],
+        sampled_token_ids: list[int | None],
+        logprobs: list[TokenLogprob | None] | None = None,
     ) -> list[RequestOutput]:
-        """Advance the scheduled sequences; sampled_token_ids[i] is None where none sampled."""
+        """Advance the scheduled sequences; sampled_token_ids[i] is None where none sampled;
+        logprobs (None when no sequence asked) is parallel to it."""
         outputs = self.take_pending()
         finished: list[Sequence] = []
-        for item, token_id in zip(scheduled, sampled_token_ids):
+        for i, (item, token_id) in enumerate(zip(scheduled, sampled_token_ids)):
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
+            if seq.num_computed_tokens // self.block_size > (
+                (seq.num_computed_tokens - item.num_new_tokens) // self.block_size
+            ):
+                self._cache_full_blocks(seq)
             if token_id is None:
                 continue
             seq.token_ids.append(token_id)
             done = self._check_finish(seq)
-            outputs.append(RequestOutput(seq.request_id, [token_id], seq.finish_reason))
+            token_logprob = None if logprobs is None else logprobs[i]
+            outputs.append(RequestOutput(
+                seq.request_id, [token_id], seq.finish_reason,
+                None if token_logprob is None else [token_logprob],
+            ))
             if done or seq.prefill_only:
                 finished.append(seq)
         for seq in finished:
@@ -236,8 +275,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence) -> None:
         """Free the sequence's blocks and forget it."""
-        self.block_pool.free(seq.block_table)
-        seq.block_table = []
+        self._free_blocks(seq)
         seq.status = RequestStatus.FINISHED
         self.requests.pop(seq.request_id, None)
 
@@ -247,11 +285,52 @@ class Scheduler:
             seq.request_id, seq.num_tokens,
         )
         self.stats.num_preemptions += 1
-        self.block_pool.free(seq.block_table)
-        seq.block_table = []
+        self._free_blocks(seq)
         seq.num_computed_tokens = 0
         seq.status = RequestStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def _match(self, token_ids: list[int]) -> list[int]:
+        """Block ids of the longest cached prefix of token_ids; counts the lookup in stats only
+        once the sequence is admitted (see _take_blocks)."""
+        if self.prefix_cache is None:
+            return []
+        return self.prefix_cache.match(token_ids)
+
+    def _take_blocks(self, seq: Sequence, hit_ids: list[int], num_new_blocks: int) -> None:
+        """Give seq the cached blocks hit_ids, then num_new_blocks fresh ones (acquire first: the
+        allocation may evict cached-free blocks, never these)."""
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        self.block_pool.acquire(hit_ids)
+        seq.block_table = hit_ids + self.block_pool.allocate(num_new_blocks)
+        seq.num_cached_blocks = len(hit_ids)
+        seq.num_computed_tokens = len(hit_ids) * self.block_size
+        if self.prefix_cache is not None:
+            self.stats.prefix_cache_queries += seq.num_tokens
+            self.stats.prefix_cache_hits += seq.num_computed_tokens
+            if hit_ids:
+                logger.debug("request %s: %d of %d tokens cached", seq.request_id,
+                             seq.num_computed_tokens, seq.num_tokens)
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Register seq's blocks whose tokens are all computed."""
+        if self.prefix_cache is None:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full <= seq.num_cached_blocks:
+            return
+        num_cached = self.prefix_cache.insert(
+            seq.token_ids[: num_full * self.block_size], seq.block_table[:num_full]
+        )
+        assert num_cached >= seq.num_cached_blocks  # its own cached blocks are in use: kept
+        self.block_pool.mark_cached(seq.block_table[seq.num_cached_blocks : num_cached])
+        seq.num_cached_blocks = num_cached
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        # In reverse: the deepest blocks reach the free list first and are evicted first.
+        self.block_pool.free(reversed(seq.block_table))
+        seq.block_table = []
+        seq.num_cached_blocks = 0
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -16,7 +16,7 @@ import threading
 import grpc
 
 from baton.v1 import worker_pb2, worker_pb2_grpc
-from baton.wire import GRPC_OPTIONS, finish_to_proto, sampling_from_proto
+from baton.wire import GRPC_OPTIONS, finish_to_proto, logprob_to_proto, sampling_from_proto
 from baton.worker import WorkerServer, abort_status, load_to_proto
 from engine.loop import LoopStopped
 from engine.request import InvalidRequestError, RequestOutput
@@ -101,11 +101,14 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
                               f"KV push to the decode worker failed: {exc.details()}")
             log.info("request_id=%s: prefilled %d tokens, pushed %d KV bytes", rid, len(prompt),
                      num_bytes)
-            return worker_pb2.PrefillResponse(
+            reply = worker_pb2.PrefillResponse(
                 first_token_id=first.new_token_ids[0],
                 finish_reason=finish_to_proto(first.finish_reason),
                 num_kv_bytes=num_bytes,
             )
+            if first.logprobs:
+                reply.first_token_logprob.CopyFrom(logprob_to_proto(first.logprobs[0]))
+            return reply
         finally:
             self.loop.unsubscribe(rid)
             try:

@@ -1,6 +1,8 @@
 """The router's public gRPC API: baton.v1.Generation on grpc.aio, with grpc.health.v1 and
 server reflection. Bad input -> INVALID_ARGUMENT naming the parameter; no capacity ->
 RESOURCE_EXHAUSTED; no worker -> UNAVAILABLE; a request over its deadline -> DEADLINE_EXCEEDED.
+With n > 1 choices, each response message belongs to one choice (its index); the last message of
+the whole request carries the usage.
 A client that cancels its stream has its request aborted on the workers.
 """
 
@@ -16,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from baton.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from baton.wire import GRPC_OPTIONS
+from baton.wire import GRPC_OPTIONS, logprob_to_proto
 from router.errors import RouterError
 from router.service import GenerationService, Output
 
@@ -31,6 +33,9 @@ _FINISH = {
     "abort": common_pb2.FINISH_REASON_ABORT,
 }
 _MAX_REQUEST_ID_LEN = 128
+# Optional GenerateRequest fields passed to RequestBuilder.build under the same name.
+_OPTIONAL_SAMPLING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+                      "logprobs", "n")
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -79,7 +84,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             seed=request.seed if request.HasField("seed") else None,
             max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
             default_max_tokens=default_max, stop=list(request.stop) or None,
-            ignore_eos=request.ignore_eos, prompt_param=prompt_param)
+            ignore_eos=request.ignore_eos, prompt_param=prompt_param,
+            stop_token_ids=list(request.stop_token_ids) or None,
+            **{name: getattr(request, name) if request.HasField(name) else None
+               for name in _OPTIONAL_SAMPLING})
 
     async def Abort(self, request: generation_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
@@ -92,8 +100,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 
 def _response(request_id: str, out: Output) -> generation_pb2.GenerateResponse:
-    msg = generation_pb2.GenerateResponse(request_id=request_id, token_ids=out.token_ids,
-                                          text=out.text, finish_reason=_FINISH[out.finish_reason])
+    msg = generation_pb2.GenerateResponse(
+        request_id=request_id, token_ids=out.token_ids, text=out.text,
+        finish_reason=_FINISH[out.finish_reason], index=out.index,
+        logprobs=[logprob_to_proto(lp) for lp in out.logprobs or ()])
     if out.usage is not None:
         msg.usage.CopyFrom(generation_pb2.Usage(prompt_tokens=out.usage.prompt_tokens,
                                                 completion_tokens=out.usage.completion_tokens,

@@ -5,7 +5,8 @@ Every error answers in OpenAI's shape {"error": {"message", "type", "param", "co
 validation failures (including FastAPI's own, normally 422) answer 400 and name the parameter.
 A streamed request waits for its first output before sending headers, so failures before the
 first token still get a proper status code; later failures arrive as an SSE `error` event. A
-client that disconnects has its request aborted on the workers.
+client that disconnects has its request aborted on the workers. With n > 1, streamed chunks carry
+one choice each (its index); the usage chunk, when asked for, comes once every choice finished.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -26,15 +28,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.request import TokenLogprob
 from router.errors import ErrorKind, RouterError
+from router.logprobs import CompletionLogprobs, TokenTexts
 from router.openai_schema import ChatCompletionRequest, CompletionRequest, check_unsupported
 from router.registry import WorkerDirectory
 from router.requests import GenerationRequest
-from router.service import GenerationService, Output
+from router.service import GenerationService, Output, Usage
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the completions API (chat: top_logprobs <= 20)
 
 
 def error_response(exc: RouterError) -> JSONResponse:
@@ -76,6 +81,16 @@ def create_app(service: GenerationService, directory: WorkerDirectory,
         body = RouterError(kind, str(exc.detail)).to_openai()
         return JSONResponse(body, status_code=exc.status_code)
 
+    texts = TokenTexts(service.tokenizer)
+
+    def sampling_args(body: CompletionRequest | ChatCompletionRequest) -> dict:
+        return {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+                "seed": body.seed, "stop": body.stop, "ignore_eos": body.ignore_eos,
+                "presence_penalty": body.presence_penalty,
+                "frequency_penalty": body.frequency_penalty,
+                "repetition_penalty": body.repetition_penalty, "min_p": body.min_p,
+                "stop_token_ids": body.stop_token_ids, "n": body.n}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_unsupported(body)
@@ -92,22 +107,28 @@ def create_app(service: GenerationService, directory: WorkerDirectory,
         else:
             prompt_ids = service.builder.prompt_ids_from_text(body.prompt)
         req = service.builder.build(
-            rid, prompt_ids, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-            seed=body.seed, max_tokens=body.max_tokens, default_max_tokens=16, stop=body.stop,
-            ignore_eos=body.ignore_eos)
+            rid, prompt_ids, max_tokens=body.max_tokens, default_max_tokens=16,
+            logprobs=body.logprobs, max_logprobs=MAX_COMPLETION_LOGPROBS, **sampling_args(body))
         envelope = {"id": rid, "object": "text_completion", "created": int(time.time()),
                     "model": config.model_name}
+        offsets = [CompletionLogprobs(texts) for _ in range(req.n)]
 
-        def choice(out: Output, text: str) -> dict:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": out.finish_reason}
+        def choice(index: int, text: str, logprobs: list[TokenLogprob],
+                   finish_reason: str | None) -> dict:
+            block = offsets[index].block(logprobs) if body.logprobs is not None else None
+            return {"index": index, "text": text, "logprobs": block,
+                    "finish_reason": finish_reason}
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(request, service, req, envelope, include_usage,
-                                 lambda out: [choice(out, out.text)], prelude=[])
-        text, last = await _collect(request, service, req)
-        return JSONResponse({**envelope, "choices": [choice(last, text)],
-                             "usage": _usage(last)})
+            return await _stream(
+                request, service, req, envelope, include_usage,
+                lambda out: [choice(out.index, out.text, list(out.logprobs or ()),
+                                    out.finish_reason)], prelude=[])
+        collected, usage = await _collect(request, service, req)
+        return JSONResponse({**envelope, "usage": _usage(usage), "choices": [
+            choice(i, "".join(c.pieces), c.logprobs, c.finish_reason)
+            for i, c in enumerate(collected)]})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -118,33 +139,37 @@ def create_app(service: GenerationService, directory: WorkerDirectory,
             raise RouterError.invalid("messages is required", "messages")
         prompt_ids = service.builder.prompt_ids_from_messages(body.messages)
         use_new = body.max_completion_tokens is not None
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
         req = service.builder.build(
-            rid, prompt_ids, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-            seed=body.seed, max_tokens=body.max_completion_tokens if use_new else body.max_tokens,
-            default_max_tokens=None, stop=body.stop, ignore_eos=body.ignore_eos,
-            max_tokens_param="max_completion_tokens" if use_new else "max_tokens",
-            prompt_param="messages")
+            rid, prompt_ids, max_tokens=body.max_completion_tokens if use_new else body.max_tokens,
+            default_max_tokens=None, max_tokens_param="max_completion_tokens" if use_new
+            else "max_tokens", prompt_param="messages", logprobs=logprobs,
+            logprobs_param="top_logprobs", **sampling_args(body))
         envelope = {"id": rid, "object": "chat.completion", "created": int(time.time()),
                     "model": config.model_name}
+
+        def chat_logprobs(logprobs: tuple[TokenLogprob, ...] | list[TokenLogprob] | None):
+            return texts.chat_logprobs(logprobs or ()) if body.logprobs else None
+
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunk_envelope = {**envelope, "object": "chat.completion.chunk"}
 
             def choices(out: Output) -> list[dict]:
                 delta = {"content": out.text} if out.text else {}
-                return [{"index": 0, "delta": delta, "logprobs": None,
+                return [{"index": out.index, "delta": delta,
+                         "logprobs": chat_logprobs(out.logprobs),
                          "finish_reason": out.finish_reason}]
 
-            prelude = [[{"index": 0, "delta": {"role": "assistant", "content": ""},
-                         "logprobs": None, "finish_reason": None}]]
+            prelude = [[{"index": i, "delta": {"role": "assistant", "content": ""},
+                         "logprobs": None, "finish_reason": None}] for i in range(req.n)]
             return await _stream(request, service, req, chunk_envelope, include_usage, choices,
                                  prelude=prelude)
-        text, last = await _collect(request, service, req)
-        message = {"role": "assistant", "content": text}
-        return JSONResponse({**envelope, "choices": [{"index": 0, "message": message,
-                                                      "logprobs": None,
-                                                      "finish_reason": last.finish_reason}],
-                             "usage": _usage(last)})
+        collected, usage = await _collect(request, service, req)
+        return JSONResponse({**envelope, "usage": _usage(usage), "choices": [
+            {"index": i, "message": {"role": "assistant", "content": "".join(c.pieces)},
+             "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
+            for i, c in enumerate(collected)]})
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -202,9 +227,7 @@ def create_app(service: GenerationService, directory: WorkerDirectory,
     return app
 
 
-def _usage(out: Output) -> dict:
-    usage = out.usage
-    assert usage is not None, "the last output carries usage"
+def _usage(usage: Usage) -> dict:
     result = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
               "total_tokens": usage.total_tokens}
     if usage.cached_tokens:
@@ -230,15 +253,28 @@ async def _until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
             task.cancel()
 
 
+@dataclass
+class _Collected:
+    """One choice of a non-streamed request, gathered."""
+
+    pieces: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
 async def _collect(request: Request, service: GenerationService,
-                   req: GenerationRequest) -> tuple[str, Output]:
-    async def run() -> tuple[str, Output]:
-        pieces = []
+                   req: GenerationRequest) -> tuple[list[_Collected], Usage]:
+    async def run() -> tuple[list[_Collected], Usage]:
+        collected = [_Collected() for _ in range(req.n)]
         async with contextlib.aclosing(service.generate(req)) as outputs:
             async for out in outputs:
-                pieces.append(out.text)
+                choice = collected[out.index]
+                choice.pieces.append(out.text)
+                choice.logprobs.extend(out.logprobs or ())
                 if out.finish_reason is not None:
-                    return "".join(pieces), out
+                    choice.finish_reason = out.finish_reason
+                if out.usage is not None:
+                    return collected, out.usage
         raise RouterError(ErrorKind.INTERNAL, "the request ended without a finish reason")
 
     return await _until_disconnect(request, run())
@@ -270,11 +306,11 @@ async def _stream(request: Request, service: GenerationService, req: GenerationR
                 yield chunk(choice_list)
             out = first
             while True:
-                if out.text or out.finish_reason is not None:
+                if out.text or out.logprobs or out.finish_reason is not None:
                     yield chunk(choices(out))
-                if out.finish_reason is not None:
+                if out.usage is not None:  # every choice finished
                     if include_usage:
-                        yield chunk([], _usage(out))
+                        yield chunk([], _usage(out.usage))
                     break
                 try:
                     out = await outputs.__anext__()

@@ -30,8 +30,8 @@ import grpc
 import grpc.aio
 
 from baton.v1 import worker_pb2, worker_pb2_grpc
-from baton.wire import GRPC_OPTIONS, finish_from_proto, sampling_to_proto
-from engine.request import FinishReason
+from baton.wire import GRPC_OPTIONS, finish_from_proto, logprob_from_proto, sampling_to_proto
+from engine.request import FinishReason, TokenLogprob
 from router.config import RouterConfig
 from router.errors import ErrorKind, RouterError, from_worker_status
 from router.registry import WorkerInfo
@@ -52,6 +52,7 @@ _PREFILL_FALLBACK_CODES = frozenset({
 class TokenEvent:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token when the request asked
 
 
 @dataclass
@@ -179,8 +180,8 @@ class Dispatcher:
                 d_call = self._open_decode(decode, req, handle, deadline,
                                            worker_pb2.PREFILL_MODE_REMOTE, transfer_id)
                 try:
-                    first = await self._remote_prefill(req, handle, plan, d_call, transfer_id,
-                                                       deadline)
+                    first, first_logprob = await self._remote_prefill(
+                        req, handle, plan, d_call, transfer_id, deadline)
                 except _PrefillFailed as exc:
                     log.warning("request_id=%s: prefill on %s failed (%s); prefilling locally "
                                 "on %s", rid, plan.prefill.worker_id, exc, plan.decode.worker_id)
@@ -189,7 +190,8 @@ class Dispatcher:
                     self.abort_on(plan.decode, handle.worker_request_id)
                     self.abort_on(plan.prefill, handle.worker_request_id)
                 else:
-                    yield TokenEvent([first])
+                    yield TokenEvent([first], logprobs=None if first_logprob is None
+                                     else [first_logprob])
             if d_call is None:
                 d_call = self._open_decode(decode, req, handle, deadline,
                                            worker_pb2.PREFILL_MODE_LOCAL, "")
@@ -204,7 +206,8 @@ class Dispatcher:
                 reason = finish_from_proto(msg.tokens.finish_reason)
                 if reason is not None:
                     finished = True
-                yield TokenEvent(list(msg.tokens.token_ids), reason)
+                logprobs = [logprob_from_proto(lp) for lp in msg.tokens.logprobs] or None
+                yield TokenEvent(list(msg.tokens.token_ids), reason, logprobs)
                 if finished:
                     return
         except asyncio.CancelledError:
@@ -238,7 +241,8 @@ class Dispatcher:
         return call
 
     async def _remote_prefill(self, req: GenerationRequest, handle: RequestHandle,
-                              plan: RoutePlan, d_call, transfer_id: str, deadline: float) -> int:
+                              plan: RoutePlan, d_call, transfer_id: str,
+                              deadline: float) -> tuple[int, TokenLogprob | None]:
         rid = req.request_id
         try:
             msg = await asyncio.wait_for(self._read(d_call, handle, plan.decode),
@@ -276,7 +280,9 @@ class Dispatcher:
         finally:
             self._forget(handle, call)
         handle.prefill_pending = False  # P answered: it pushed the KV and released its copy
-        return reply.first_token_id
+        logprob = (logprob_from_proto(reply.first_token_logprob)
+                   if reply.HasField("first_token_logprob") else None)
+        return reply.first_token_id, logprob
 
     async def _read(self, call, handle: RequestHandle, worker: WorkerInfo):
         """The next message of a decode stream, None at its end; errors as RouterError."""

@@ -4,7 +4,9 @@ Scalar fields are typed strictly, so "temperature": "hot" fails validation and c
 400 naming the field (see router.http_api). The inputs (prompt, messages, stop) are kept loose
 here and checked by router.requests.RequestBuilder, which gives clearer messages and is shared
 with the gRPC API. Unknown fields are ignored, as OpenAI-compatible servers usually do; known
-fields Baton does not implement are refused when set to anything but their neutral value.
+fields Baton does not implement (logit_bias, echo, best_of, suffix, tools, structured output) are
+refused when set to anything but their neutral value. vLLM's extensions top_k, min_p,
+repetition_penalty, stop_token_ids and ignore_eos are accepted.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class _SamplingBody(_Body):
     ignore_eos: bool = False  # extension (vLLM)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # extension (vLLM)
+    min_p: float | None = None  # extension (vLLM)
+    stop_token_ids: list[int] | None = None  # extension (vLLM)
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
 
@@ -61,27 +66,19 @@ class ChatCompletionRequest(_SamplingBody):
 
 def check_unsupported(body: _SamplingBody) -> None:
     """Refuse what Baton does not implement yet, rather than silently ignoring it."""
-    if body.n not in (None, 1):
-        raise RouterError.invalid(f"n must be 1 (one choice per request is supported), got {body.n}",
-                                  "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(body, name)
-        if value not in (None, 0, 0.0):
-            raise RouterError.invalid(f"{name} is not supported yet; leave it unset or 0", name)
     if body.logit_bias:
         raise RouterError.invalid("logit_bias is not supported yet", "logit_bias")
     if isinstance(body, CompletionRequest):
         if body.echo:
             raise RouterError.invalid("echo is not supported yet", "echo")
-        if body.logprobs is not None:
-            raise RouterError.invalid("logprobs is not supported yet", "logprobs")
-        if body.best_of not in (None, 1):
-            raise RouterError.invalid("best_of must be 1", "best_of")
+        if body.best_of not in (None, 1, body.n):
+            raise RouterError.invalid("best_of must be unset, 1 or equal to n", "best_of")
         if body.suffix:
             raise RouterError.invalid("suffix is not supported", "suffix")
     if isinstance(body, ChatCompletionRequest):
-        if body.logprobs or body.top_logprobs:
-            raise RouterError.invalid("logprobs is not supported yet", "logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise RouterError.invalid("top_logprobs requires logprobs to be true",
+                                      "top_logprobs")
         if body.tools:
             raise RouterError.invalid("tools are not supported yet", "tools")
         if body.response_format and body.response_format.get("type") not in (None, "text"):

@@ -2,9 +2,10 @@
 
 Validation happens here, once, for both APIs: the model name, exactly one input (text prompt,
 chat messages or token ids), token ids inside the vocabulary, sampling parameters (the engine's
-SamplingParams rules), stop strings, and the context limit. max_tokens is capped so that prompt +
-output fits the context; when the client leaves it unset it defaults to `default_max_tokens`
-(OpenAI: 16 for completions) or, if that is None, to the rest of the context (chat).
+SamplingParams rules), stop strings, stop token ids, the number of choices n, and the context
+limit. max_tokens is capped so that prompt + output fits the context; when the client leaves it
+unset it defaults to `default_max_tokens` (OpenAI: 16 for completions) or, if that is None, to
+the rest of the context (chat).
 Every refusal is a RouterError of kind INVALID_REQUEST naming the parameter.
 """
 
@@ -15,11 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.request import InvalidRequestError, SamplingParams, check_prompt
+from engine.request import MAX_LOGPROBS, InvalidRequestError, SamplingParams, check_prompt
 from engine.tokenizer import Tokenizer
 from router.errors import RouterError
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_CHOICES = 128  # n, as OpenAI
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
+    n: int = 1  # choices; choice i of a seeded request samples with seed + i
     arrival_time: float = field(default_factory=time.monotonic)
 
     @property
@@ -148,23 +151,52 @@ class RequestBuilder:
 
     # -- the whole request ----------------------------------------------------------------------
 
+    def stop_token_ids(self, ids: Any) -> tuple[int, ...]:
+        if ids is None:
+            return ()
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(i) for i in ids):
+            raise RouterError.invalid("stop_token_ids must be a list of integer token ids",
+                                      "stop_token_ids")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise RouterError.invalid(f"stop_token_ids holds token id {bad[0]}, outside the "
+                                      f"vocabulary [0, {self.vocab_size})", "stop_token_ids")
+        return tuple(dict.fromkeys(ids))
+
     def build(self, request_id: str, prompt_token_ids: Sequence[int], *,
               temperature: Any = None, top_p: Any = None, top_k: Any = None, seed: Any = None,
               max_tokens: Any = None, default_max_tokens: int | None = 16, stop: Any = None,
               ignore_eos: Any = False, max_tokens_param: str = "max_tokens",
-              prompt_param: str = "prompt") -> GenerationRequest:
+              prompt_param: str = "prompt", presence_penalty: Any = None,
+              frequency_penalty: Any = None, repetition_penalty: Any = None, min_p: Any = None,
+              logprobs: Any = None, logprobs_param: str = "logprobs",
+              max_logprobs: int = MAX_LOGPROBS, stop_token_ids: Any = None,
+              n: Any = None) -> GenerationRequest:
+        """logprobs: None for none, else the number of alternatives per token, refused above
+        max_logprobs under the name logprobs_param (OpenAI's completions allow 5, chat 20)."""
         for name, value, check, kind in (
             ("temperature", temperature, _is_number, "a number"),
             ("top_p", top_p, _is_number, "a number"),
             ("top_k", top_k, _is_int, "an integer"),
             ("seed", seed, _is_int, "an integer"),
             (max_tokens_param, max_tokens, _is_int, "an integer"),
+            ("presence_penalty", presence_penalty, _is_number, "a number"),
+            ("frequency_penalty", frequency_penalty, _is_number, "a number"),
+            ("repetition_penalty", repetition_penalty, _is_number, "a number"),
+            ("min_p", min_p, _is_number, "a number"),
+            (logprobs_param, logprobs, _is_int, "an integer"),
+            ("n", n, _is_int, "an integer"),
         ):
             if value is not None and not check(value):
                 raise RouterError.invalid(f"{name} must be {kind}, got {value!r}", name)
         if not isinstance(ignore_eos, bool):
             raise RouterError.invalid(f"ignore_eos must be true or false, got {ignore_eos!r}",
                                       "ignore_eos")
+        if logprobs is not None and not 0 <= logprobs <= max_logprobs:
+            raise RouterError.invalid(
+                f"{logprobs_param} must be in [0, {max_logprobs}], got {logprobs}", logprobs_param)
+        if n is not None and not 1 <= n <= MAX_CHOICES:
+            raise RouterError.invalid(f"n must be in [1, {MAX_CHOICES}], got {n}", "n")
         num_prompt = len(prompt_token_ids)
         room = self.max_model_len - num_prompt
         requested = max_tokens if max_tokens is not None else default_max_tokens
@@ -175,7 +207,14 @@ class RequestBuilder:
                 top_k=0 if top_k is None else top_k,
                 seed=seed,
                 max_tokens=requested if requested is not None else max(room, 1),
+                stop_token_ids=self.stop_token_ids(stop_token_ids),
                 ignore_eos=ignore_eos,
+                presence_penalty=0.0 if presence_penalty is None else float(presence_penalty),
+                frequency_penalty=0.0 if frequency_penalty is None else float(frequency_penalty),
+                repetition_penalty=(1.0 if repetition_penalty is None
+                                    else float(repetition_penalty)),
+                min_p=0.0 if min_p is None else float(min_p),
+                logprobs=logprobs,
             )
             check_prompt(num_prompt, sampling.max_tokens, self.max_model_len)
         except InvalidRequestError as exc:
@@ -188,4 +227,4 @@ class RequestBuilder:
         if sampling.max_tokens > room:
             sampling = replace(sampling, max_tokens=room)
         return GenerationRequest(request_id=request_id, prompt_token_ids=tuple(prompt_token_ids),
-                                 sampling=sampling, stop=self.stop_strings(stop))
+                                 sampling=sampling, stop=self.stop_strings(stop), n=n or 1)

@@ -111,13 +111,13 @@ def test_corrupt_chunk_fails_that_request_only_and_frees_its_blocks(workers, mod
         stream = worker_pb2_grpc.DecodeStub(chan).Generate(worker_pb2.DecodeRequest(
             request_id=rid, prompt_token_ids=prompt, sampling=sampling_to_proto(GREEDY),
             prefill_mode=worker_pb2.PREFILL_MODE_REMOTE, transfer_id=transfer_id), timeout=30)
-        next(stream)
+        num_cached = next(stream).reserved.num_cached_tokens  # an earlier test's blocks may hit
         assert decode.load().num_free_blocks < free_before
         import torch
         geom = KVGeometry(mc.num_layers, mc.num_kv_heads, mc.head_dim, torch.float32)
         k = torch.randn(mc.num_layers, len(prompt), mc.num_kv_heads, mc.head_dim)
-        chunks = list(iter_chunks(transfer_id=transfer_id, attempt=0, geometry=geom, token_start=0,
-                                  token_end=len(prompt), read_kv=lambda a, b, c, d: (k[a:b, c:d], k[a:b, c:d]),
+        chunks = list(iter_chunks(transfer_id=transfer_id, attempt=0, geometry=geom,
+                                  token_start=num_cached, token_end=len(prompt), read_kv=lambda a, b, c, d: (k[a:b, c:d], k[a:b, c:d]),
                                   first_token_id=5))
         chunks[0].crc32 ^= 1
         with pytest.raises(grpc.RpcError) as info:
@@ -190,3 +190,29 @@ def test_transfer_id_in_use_is_refused_and_frees_its_reservation(workers):
         assert "transfer_id" in info.value.details()
         first.cancel()
     assert wait_for(lambda: decode.load().num_free_blocks == free_before)
+
+
+def test_engine_metrics_count_steps_and_prefix_cache_lookups(workers):
+    prefill, decode = workers
+
+    def sample(worker, name, **extra):
+        labels = {"model": "tiny", "role": worker.role, "worker": worker.worker_id, **extra}
+        return worker.registry.get_sample_value(name, labels) or 0.0
+
+    steps = "baton_engine_step_seconds_count"
+    before = {
+        "prefill_steps": sample(prefill, steps, phase="prefill"),
+        "decode_steps": sample(decode, steps, phase="decode"),
+        "queries": sample(prefill, "baton_prefix_cache_queries_total"),
+    }
+    prompt = [11 + (5 * j) % 200 for j in range(40)]
+    disaggregated(prefill, decode, prompt)
+    # The loop observes a step right after delivering its outputs: allow it a moment.
+    assert wait_for(lambda: sample(decode, steps, phase="decode") >= before["decode_steps"] + 10)
+    assert sample(prefill, steps, phase="prefill") >= before["prefill_steps"] + 1
+    assert sample(prefill, "baton_prefix_cache_queries_total") > before["queries"]
+    for worker in (prefill, decode):
+        assert worker.registry.get_sample_value(
+            "baton_num_preemptions_total",
+            {"model": "tiny", "role": worker.role, "worker": worker.worker_id},
+        ) == 0.0

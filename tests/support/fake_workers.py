@@ -3,7 +3,8 @@ Prefill and KVTransfer, generating scripted tokens instead of running a model.
 
 A script maps (prompt_token_ids, sampling) to the tokens a model would produce; the fakes apply
 the engine's stopping rules (EOS unless ignore_eos, stop_token_ids, max_tokens) with
-`expected_output`, which tests use to know what the router must return. The REMOTE flow is the
+`expected_output`, which tests use to know what the router must return; when the request asks for
+logprobs, every token carries `fake_logprob(position, token, k)`. The REMOTE flow is the
 real protocol: D answers Reserved, P "prefills" and pushes one KVChunk (last=True, carrying the
 first token) to D's KVTransfer.Push at decode_address, then replies with the first token; D then
 streams tokens 2..N. Knobs in FakeBehavior inject delays and failures; every request, abort and
@@ -24,8 +25,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from baton.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc, worker_pb2, worker_pb2_grpc
-from baton.wire import finish_to_proto, sampling_from_proto
-from engine.request import FinishReason, SamplingParams
+from baton.wire import finish_to_proto, logprob_to_proto, sampling_from_proto
+from engine.request import FinishReason, SamplingParams, TokenLogprob
 from router.registry import WorkerInfo
 
 Script = Callable[[Sequence[int], SamplingParams], list[int]]
@@ -48,6 +49,22 @@ def expected_output(script: Script, prompt: Sequence[int], sampling: SamplingPar
         if len(out) >= sampling.max_tokens:
             return out, FinishReason.LENGTH
     return out, FinishReason.LENGTH  # the script ran dry: treat as the context limit
+
+
+def fake_logprob(position: int, token_id: int, k: int) -> TokenLogprob:
+    """A scripted logprob (exact in float32) for output token `position`, with k alternatives:
+    the token itself first, then the lowest other ids, less and less likely."""
+    logprob = -0.25 * (position % 4) - 0.125
+    others = [t for t in range(k + 1) if t != token_id][: max(k - 1, 0)]
+    top = ((token_id, logprob),) + tuple((t, logprob - 1 - j) for j, t in enumerate(others))
+    return TokenLogprob(token_id, logprob, top[:k])
+
+
+def fake_logprobs(token_ids: Sequence[int], k: int | None, start: int = 0) -> list:
+    """The TokenLogprob messages for token_ids at output positions start.. (none if k is None)."""
+    if k is None:
+        return []
+    return [logprob_to_proto(fake_logprob(start + i, t, k)) for i, t in enumerate(token_ids)]
 
 
 @dataclass
@@ -154,9 +171,9 @@ class FakeDecodeWorker(_FakeServer, worker_pb2_grpc.DecodeServicer,
                 if time.monotonic() > deadline:
                     context.abort(grpc.StatusCode.ABORTED, "KV transfer lease expired")
             assert first == tokens[:1], (first, tokens[:1])
-            tokens_to_send = tokens[1:]
+            tokens_to_send, position = tokens[1:], 1
         else:
-            tokens_to_send = tokens
+            tokens_to_send, position = tokens, 0
         sent = 0
         step = max(1, b.tokens_per_batch)
         batches = [tokens_to_send[i:i + step] for i in range(0, len(tokens_to_send), step)]
@@ -172,9 +189,11 @@ class FakeDecodeWorker(_FakeServer, worker_pb2_grpc.DecodeServicer,
             last = i == len(batches) - 1
             if last:
                 done.set()
+            logprobs = fake_logprobs(batch, sampling.logprobs, position + sent)
             sent += len(batch)
             yield worker_pb2.DecodeResponse(tokens=worker_pb2.TokenBatch(
-                token_ids=batch, finish_reason=finish_to_proto(reason if last else None)))
+                token_ids=batch, finish_reason=finish_to_proto(reason if last else None),
+                logprobs=logprobs))
 
     def Abort(self, request: worker_pb2.WorkerAbortRequest, context: grpc.ServicerContext):
         self._record(self.aborts, request.request_id)
@@ -228,10 +247,13 @@ class FakePrefillWorker(_FakeServer, worker_pb2_grpc.PrefillServicer):
             crc32=zlib.crc32(payload), last=True, first_token_id=tokens[0])
         with grpc.insecure_channel(request.decode_address) as channel:
             kvtransfer_pb2_grpc.KVTransferStub(channel).Push(iter([chunk]), timeout=10)
-        return worker_pb2.PrefillResponse(
+        reply = worker_pb2.PrefillResponse(
             first_token_id=tokens[0],
             finish_reason=finish_to_proto(reason if len(tokens) == 1 else None),
             num_kv_bytes=len(payload))
+        for logprob in fake_logprobs(tokens[:1], sampling.logprobs):
+            reply.first_token_logprob.CopyFrom(logprob)
+        return reply
 
     def Abort(self, request: worker_pb2.WorkerAbortRequest, context: grpc.ServicerContext):
         self._record(self.aborts, request.request_id)

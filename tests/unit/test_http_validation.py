@@ -58,12 +58,27 @@ BAD_REQUESTS = [
     ("/v1/completions", completion(temperature="hot"), "temperature", "valid number"),
     ("/v1/completions", completion(max_tokens=1.5), "max_tokens", "valid integer"),
     ("/v1/completions", completion(stream="yes"), "stream", "valid boolean"),
-    ("/v1/completions", completion(n=2), "n", "n must be 1"),
+    ("/v1/completions", completion(n=0), "n", "n must be in [1, 128]"),
+    ("/v1/completions", completion(n=129), "n", "n must be in [1, 128]"),
+    ("/v1/completions", completion(n=1.5), "n", "valid integer"),
     ("/v1/completions", completion(stop=5), "stop", "string or a list of strings"),
     ("/v1/completions", completion(stop=[""]), "stop", "empty"),
     ("/v1/completions", completion(seed=-1), "seed", "seed must be in"),
     ("/v1/completions", completion(top_k=-1), "top_k", ">= 0"),
-    ("/v1/completions", completion(presence_penalty=0.5), "presence_penalty", "not supported"),
+    ("/v1/completions", completion(presence_penalty=2.5), "presence_penalty", "[-2, 2]"),
+    ("/v1/completions", completion(presence_penalty=-2.1), "presence_penalty", "[-2, 2]"),
+    ("/v1/completions", completion(frequency_penalty=3), "frequency_penalty", "[-2, 2]"),
+    ("/v1/completions", completion(frequency_penalty="x"), "frequency_penalty", "valid number"),
+    ("/v1/completions", completion(repetition_penalty=0), "repetition_penalty", "> 0"),
+    ("/v1/completions", completion(repetition_penalty=-1.0), "repetition_penalty", "> 0"),
+    ("/v1/completions", completion(min_p=1.5), "min_p", "[0, 1]"),
+    ("/v1/completions", completion(min_p=-0.1), "min_p", "[0, 1]"),
+    ("/v1/completions", completion(logprobs=6), "logprobs", "[0, 5]"),
+    ("/v1/completions", completion(logprobs=-1), "logprobs", "[0, 5]"),
+    ("/v1/completions", completion(stop_token_ids=[10**6]), "stop_token_ids", "vocabulary"),
+    ("/v1/completions", completion(stop_token_ids=["a"]), "stop_token_ids", "valid integer"),
+    ("/v1/completions", completion(best_of=3), "best_of", "best_of"),
+    ("/v1/completions", completion(logit_bias={"1": 5}), "logit_bias", "not supported"),
     ("/v1/completions", completion(echo=True), "echo", "not supported"),
     ("/v1/chat/completions", chat(temperature=-1), "temperature", ">= 0"),
     ("/v1/chat/completions", chat(top_p=2.0), "top_p", "(0, 1]"),
@@ -77,7 +92,16 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", chat(messages=[{"role": "user", "content": 5}]), "messages", "content"),
     ("/v1/chat/completions", chat(messages=[{"role": "user", "content": LONG_PROMPT}]), "messages",
      f"context is {MAX_MODEL_LEN}"),
-    ("/v1/chat/completions", chat(n=3), "n", "n must be 1"),
+    ("/v1/chat/completions", chat(n=0), "n", "n must be in [1, 128]"),
+    ("/v1/chat/completions", chat(top_logprobs=2), "top_logprobs", "requires logprobs"),
+    ("/v1/chat/completions", chat(logprobs=True, top_logprobs=21), "top_logprobs", "[0, 20]"),
+    ("/v1/chat/completions", chat(logprobs=True, top_logprobs=-1), "top_logprobs", "[0, 20]"),
+    ("/v1/chat/completions", chat(logprobs=3), "logprobs", "valid boolean"),
+    ("/v1/chat/completions", chat(presence_penalty=-3), "presence_penalty", "[-2, 2]"),
+    ("/v1/chat/completions", chat(frequency_penalty=2.01), "frequency_penalty", "[-2, 2]"),
+    ("/v1/chat/completions", chat(repetition_penalty=0.0), "repetition_penalty", "> 0"),
+    ("/v1/chat/completions", chat(min_p=2), "min_p", "[0, 1]"),
+    ("/v1/chat/completions", chat(ignore_eos="yes"), "ignore_eos", "valid boolean"),
     ("/v1/chat/completions", chat(tools=[{"type": "function"}]), "tools", "not supported"),
     ("/v1/chat/completions", chat(stream_options={"include_usage": "y"}), "stream_options", "boolean"),
 ]
@@ -92,6 +116,20 @@ def test_bad_request_is_400_in_openai_shape(client, path, body, param, text) -> 
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert text in error["message"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", completion(n=3, logprobs=5, presence_penalty=-2, frequency_penalty=2,
+                                   repetition_penalty=1.3, min_p=0.1, top_k=5, seed=7,
+                                   stop_token_ids=[3], ignore_eos=True)),
+    ("/v1/chat/completions", chat(n=2, logprobs=True, top_logprobs=20, min_p=1.0,
+                                  repetition_penalty=0.5)),
+    ("/v1/chat/completions", chat(logprobs=False)),
+])
+def test_valid_sampling_passes_validation(client, path, body) -> None:
+    response = client.post(path, json=body)
+    assert response.status_code == 503, response.text  # no worker: past validation
+    assert response.json()["error"]["code"] == "no_worker"
 
 
 def test_unknown_model_has_model_not_found_code(client) -> None:

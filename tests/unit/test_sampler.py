@@ -1,16 +1,18 @@
-"""Sampler: greedy, top-k, top-p, and reproducibility from (seed, output index) only."""
+"""Sampler: greedy, top-k, top-p, min-p, penalties, logprobs, and reproducibility from
+(seed, output index) only."""
 
 import pytest
 import torch
 
-from engine.request import SamplingParams
-from engine.sampler import SamplingRow, derive_seed, sample
+from engine.request import InvalidRequestError, SamplingParams, TokenLogprob
+from engine.sampler import SamplingRow, apply_penalties, derive_seed, sample, token_logprobs
 
 pytestmark = pytest.mark.unit
 
 
-def row(index=0, seed=1, **kw):
-    return SamplingRow(SamplingParams(**kw), seed=seed, output_index=index)
+def row(index=0, seed=1, token_ids=(), num_prompt_tokens=0, **kw):
+    return SamplingRow(SamplingParams(**kw), seed=seed, output_index=index, token_ids=token_ids,
+                       num_prompt_tokens=num_prompt_tokens)
 
 
 def test_greedy_takes_the_argmax_first_on_ties():
@@ -68,3 +70,120 @@ def test_temperature_sharpens_and_flattens():
     assert set(cold) == {0}
     hot = [sample(logits, [row(index=i, temperature=50.0)])[0] for i in range(200)]
     assert set(hot) == {0, 1, 2}
+
+
+# ---------------------------------------------------------------------------------- penalties
+
+def test_frequency_and_presence_penalties_follow_the_formula_on_output_counts():
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5, 3.0]])
+    # Prompt [4, 4, 1]; output [1, 1, 2]: counts over the output only -> 1: 2, 2: 1.
+    r = row(token_ids=[4, 4, 1, 1, 1, 2], num_prompt_tokens=3, temperature=0,
+            frequency_penalty=0.5, presence_penalty=0.25)
+    got = apply_penalties(logits.clone(), [r])
+    expected = torch.tensor([[1.0, 2.0 - 0.5 * 2 - 0.25, -1.0 - 0.5 * 1 - 0.25, 0.5, 3.0]])
+    torch.testing.assert_close(got, expected)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_seen_anywhere():
+    logits = torch.tensor([[2.0, -2.0, 4.0, -1.0, 1.0]])
+    r = row(token_ids=[0, 1, 3], num_prompt_tokens=2, temperature=0, repetition_penalty=2.0)
+    got = apply_penalties(logits.clone(), [r])
+    # 0 and 1 in the prompt, 3 in the output; 2 and 4 never seen.
+    torch.testing.assert_close(got, torch.tensor([[1.0, -4.0, 4.0, -2.0, 1.0]]))
+
+
+def test_penalties_per_row_and_rows_without_them_untouched():
+    logits = torch.tensor([[3.0, 2.9, 0.0], [3.0, 2.9, 0.0], [3.0, 2.9, 0.0]])
+    rows = [row(token_ids=[1, 0], num_prompt_tokens=1, temperature=0, frequency_penalty=1.0),
+            row(token_ids=[1, 0], num_prompt_tokens=1, temperature=0),
+            row(token_ids=[0], num_prompt_tokens=1, temperature=0, repetition_penalty=1.5)]
+    before = logits.clone()
+    # Row 0 produced token 0 once: 3 - 1 < 2.9; row 1 has no penalty; row 2 saw 0 in its prompt.
+    assert sample(logits, rows) == [1, 0, 1]
+    assert torch.equal(logits, before)  # the raw logits are left for logprobs
+
+
+def test_negative_penalties_encourage_repetition():
+    logits = torch.tensor([[1.0, 1.5]])
+    r = row(token_ids=[1, 0, 0], num_prompt_tokens=1, temperature=0, frequency_penalty=-0.5,
+            presence_penalty=0.0)
+    assert sample(logits, [r]) == [0]  # 1 + 0.5 * 2 = 2 > 1.5
+
+
+# ---------------------------------------------------------------------------------- min_p
+
+def test_min_p_keeps_tokens_at_least_that_fraction_of_the_best():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    seen = {sample(probs.log(), [row(index=i, temperature=1.0, min_p=0.5)])[0]
+            for i in range(300)}
+    assert seen == {0, 1}  # 0.3 >= 0.25, 0.15 < 0.25
+    seen = {sample(probs.log(), [row(index=i, temperature=1.0, min_p=1.0)])[0] for i in range(50)}
+    assert seen == {0}
+
+
+# ---------------------------------------------------------------------------------- logprobs
+
+def test_logprobs_are_log_softmax_of_the_raw_logits_with_sorted_alternatives():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 40, generator=gen)
+    rows = [row(temperature=0, logprobs=5, token_ids=[1, 2, 2], num_prompt_tokens=1,
+                frequency_penalty=2.0),
+            row(temperature=0),
+            row(index=4, temperature=0.7, logprobs=0)]
+    token_ids = sample(logits, rows)
+    got = token_logprobs(logits, rows, token_ids)
+    reference = logits.log_softmax(-1)
+    assert got[1] is None
+    for i in (0, 2):
+        lp = got[i]
+        assert isinstance(lp, TokenLogprob) and lp.token_id == token_ids[i]
+        assert lp.logprob == pytest.approx(float(reference[i, token_ids[i]]), abs=1e-6)
+    top = got[0].top
+    assert len(top) == 5 and got[2].top == ()
+    assert [t for t, _ in top] == reference[0].argsort(descending=True)[:5].tolist()
+    assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+    for t, v in top:
+        assert v == pytest.approx(float(reference[0, t]), abs=1e-6)
+
+
+def test_no_logprobs_asked_computes_nothing():
+    logits = torch.randn(2, 10)
+    rows = [row(temperature=0), row(temperature=1.0)]
+    assert token_logprobs(logits, rows, sample(logits, rows)) is None
+
+
+# ---------------------------------------------------------------------------------- batches
+
+def test_seeded_rows_with_penalties_are_the_same_alone_and_in_a_mixed_batch():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 100, generator=gen)
+    others = torch.randn(3, 100, generator=gen)
+    history = [3, 9, 9, 40, 41, 3]
+    kw = {"seed": 11, "temperature": 0.9, "top_k": 50, "top_p": 0.95, "min_p": 0.02,
+              "presence_penalty": 0.7, "frequency_penalty": 0.3, "repetition_penalty": 1.2,
+              "token_ids": history, "num_prompt_tokens": 2}
+    alone = [sample(logits, [row(index=i, **kw)])[0] for i in range(15)]
+    batched = []
+    for i in range(15):
+        rows = [row(temperature=0), row(index=i, **kw),
+                row(index=2, seed=1, temperature=1.0, logprobs=3),
+                row(temperature=0, repetition_penalty=3.0, token_ids=[1, 2], num_prompt_tokens=2)]
+        batched.append(sample(torch.cat([others[:1], logits, others[1:]]), rows)[1])
+    assert alone == batched
+    assert len(set(alone)) > 3
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"min_p": 1.01}, "min_p"),
+    ({"min_p": float("nan")}, "min_p"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
+])
+def test_bad_sampling_values_name_the_parameter_and_range(kw, param):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**kw)
+    assert info.value.param == param and param in str(info.value)

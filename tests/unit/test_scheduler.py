@@ -3,6 +3,7 @@
 import pytest
 
 from engine.block_pool import BlockPool
+from engine.radix_cache import BlockRemoved, RadixCache
 from engine.request import (
     FinishReason,
     InvalidRequestError,
@@ -19,19 +20,21 @@ pytestmark = pytest.mark.unit
 EOS = 99
 
 
-def make(num_blocks=16, block_size=4, max_num_seqs=8, budget=32, max_model_len=64):
-    pool = BlockPool(num_blocks)
+def make(num_blocks=16, block_size=4, max_num_seqs=8, budget=32, max_model_len=64, cache=False):
+    prefix_cache = RadixCache(block_size) if cache else None
+    pool = BlockPool(num_blocks, on_evict=prefix_cache.evict if cache else None)
     return Scheduler(
         pool, block_size=block_size, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget, max_model_len=max_model_len,
-        eos_token_ids=frozenset([EOS]),
+        eos_token_ids=frozenset([EOS]), prefix_cache=prefix_cache,
     )
 
 
-def seq(request_id, num_prompt, prefill_only=False, **sampling):
+def seq(request_id, num_prompt, prefill_only=False, start=1, **sampling):
+    """A sequence whose prompt is start, start + 1, ..., start + num_prompt - 1."""
     sampling.setdefault("max_tokens", 100)
     return Sequence(
-        request_id=request_id, token_ids=list(range(1, num_prompt + 1)),
+        request_id=request_id, token_ids=list(range(start, start + num_prompt)),
         num_prompt_tokens=num_prompt, sampling=SamplingParams(temperature=0, **sampling),
         seed=0, prefill_only=prefill_only,
     )
@@ -102,7 +105,7 @@ def test_preemption_frees_the_latest_running_and_recomputes_it():
     assert got == [("a", 1, True)]
     assert b.status == RequestStatus.WAITING and b.num_computed_tokens == 0
     assert b.block_table == [] and list(sched.waiting) == [b]
-    assert a.block_table == [0, 1, 2]
+    assert a.block_table == [0, 1, 3]  # b's table [2, 3] was freed in reverse
     # when a finishes, b recomputes prompt + its output token, then samples its second token
     sched.abort("a")
     got, _outputs = step(sched)
@@ -220,3 +223,121 @@ def test_abort_works_in_every_state_and_frees_blocks():
     assert not sched.abort("nobody")
     assert sched.block_pool.num_free_blocks == 16
     assert not (sched.running or sched.waiting or sched.reserved or sched.held or sched.requests)
+
+
+# ---------------------------------------------------------------------------------- prefix cache
+
+
+def test_a_prefix_hit_skips_the_cached_blocks():
+    sched = make(cache=True)
+    sched.add(seq("a", 10, max_tokens=1))
+    assert step(sched)[0] == [("a", 10, True)]  # finished: blocks 2, 1, 0 freed in that order
+    assert sched.prefix_cache.match(list(range(1, 11))) == [0, 1]  # the partial block 2 is not
+    b = seq("b", 13)
+    sched.add(b)
+    assert step(sched)[0] == [("b", 5, True)]  # tokens 1..8 were cached
+    assert b.block_table == [0, 1, 3, 4] and b.num_computed_tokens == 13
+    assert sched.block_pool.free_block_ids()[-1:] == [2]
+    assert (sched.stats.prefix_cache_queries, sched.stats.prefix_cache_hits) == (10 + 13, 8)
+    assert b.num_cached_blocks == 3  # 9..12 became full and is registered
+    assert sched.prefix_cache.match(list(range(1, 14))) == [0, 1, 3]
+
+
+def test_the_same_prompt_twice_keeps_the_last_token_to_compute():
+    sched = make(cache=True)
+    a, a2 = seq("a", 8), seq("a2", 8)
+    sched.add(a)
+    step(sched)
+    assert a.num_cached_blocks == 2
+    sched.add(a2)
+    # a2 looks up 7 tokens: one full block; block 1 is recomputed so a2 gets logits at token 8
+    assert step(sched)[0] == [("a", 1, True), ("a2", 4, True)]
+    assert a.block_table == [0, 1, 2] and a2.block_table == [0, 3]
+    assert sched.block_pool.ref_cnt[:4] == [2, 1, 1, 1]
+    assert a2.num_cached_blocks == 1 and 3 not in sched.prefix_cache  # a private copy of block 1
+    assert sched.stats.prefix_cache_hits == 4
+
+
+def test_admission_counts_cached_free_hits_against_the_free_blocks():
+    sched = make(num_blocks=4, block_size=4, budget=64, cache=True)
+    a, b = seq("a", 8), seq("b", 7, start=101)
+    sched.add(a)
+    sched.add(b)
+    assert step(sched)[0] == [("a", 8, True), ("b", 7, True)]
+    assert (a.block_table, b.block_table) == ([0, 1], [2, 3])
+    assert sched.prefix_cache.match(b.token_ids) == [2]
+    # a needs a third block: b is preempted, its blocks freed in reverse (3 is not cached)
+    assert step(sched)[0] == [("a", 1, True)]
+    assert a.block_table == [0, 1, 3] and sched.block_pool.free_block_ids() == [2]
+    assert sched.stats.num_preemptions == 1
+    # b would hit its cached block 2 but also need a new one: 2 blocks, 1 free: it waits
+    assert step(sched)[0] == [("a", 1, True)]
+    assert list(sched.waiting) == [b] and sched.block_pool.free_block_ids() == [2]
+    sched.abort("a")
+    assert sched.block_pool.free_block_ids() == [2, 3, 1, 0]
+    assert step(sched)[0] == [("b", 4, True)]  # recomputes only tokens 105..107 and its output
+    assert b.block_table == [2, 3] and b.output_token_ids == [7, 7]
+    assert sched.stats.prefix_cache_hits == 4
+    assert sched.block_pool.free_block_ids() == [1, 0]
+
+
+def test_allocation_evicts_the_least_recently_freed_cached_blocks():
+    sched = make(num_blocks=6, block_size=4, budget=64, cache=True)
+    for name, start in (("a", 1), ("b", 101)):
+        sched.add(seq(name, 8, start=start, max_tokens=1))
+        step(sched)
+    # a freed [1, 0] (after the untouched 4, 5), then b freed [3, 2]
+    assert sched.block_pool.free_block_ids() == [4, 5, 1, 0, 3, 2]
+    sched.add(seq("c", 16, start=201, max_tokens=1))
+    assert step(sched)[0] == [("c", 16, True)]
+    assert sched.requests == {} and sched.prefix_cache.match(list(range(1, 9))) == []
+    assert sched.prefix_cache.match(list(range(101, 109))) == [2, 3]
+    removed = [e for e in sched.prefix_cache.take_events() if isinstance(e, BlockRemoved)]
+    assert len(removed) == 1 and len(removed[0].block_hashes) == 2  # a's two blocks
+
+
+def test_prefill_only_hits_its_own_cache_and_keeps_the_shared_blocks_until_release():
+    sched = make(cache=True)
+    sched.add(seq("p1", 10, prefill_only=True))
+    step(sched)
+    sched.release("p1")
+    p2 = seq("p2", 10, prefill_only=True)
+    sched.add(p2)
+    assert step(sched)[0] == [("p2", 2, True)]
+    assert sched.held["p2"].block_table == [0, 1, 3]
+    assert sched.block_pool.ref_cnt[:2] == [1, 1]
+    sched.release("p2")
+    assert sched.block_pool.num_free_blocks == 16
+
+
+def test_reserve_takes_the_cached_prompt_blocks_and_registers_the_rest_at_commit():
+    sched = make(cache=True)
+    d1, d2 = seq("d1", 8), seq("d2", 8)
+    assert sched.reserve(d1) == 0 and d1.block_table == [0, 1]
+    assert sched.reserve(d2) == 0  # d1's K/V has not arrived: nothing is cached before commit
+    assert sched.stats.prefix_cache_queries == 16 and sched.stats.prefix_cache_hits == 0
+    sched.commit("d1", 11)
+    assert d1.num_cached_blocks == 2
+    d3 = seq("d3", 10)
+    free_before = sched.block_pool.num_free_blocks
+    assert sched.reserve(d3) == 8  # the whole prompt of d1; 9..10 must still be written
+    assert d3.block_table == [0, 1, 4] and d3.num_computed_tokens == 8
+    assert sched.block_pool.num_free_blocks == free_before - 1
+    assert sched.stats.prefix_cache_hits == 8
+    sched.abort("d1")
+    d4 = seq("d4", 8)
+    assert sched.reserve(d4) == 8 and d4.block_table == [0, 1]  # cached entirely
+    sched.commit("d4", 12)
+    assert step(sched)[0] == [("d4", 1, True)]  # only position 8: no prompt token recomputed
+    assert d4.output_token_ids == [12, 7]
+
+
+def test_reserve_counts_cached_free_hits_before_allocating():
+    sched = make(num_blocks=4, cache=True)
+    sched.add(seq("a", 8, max_tokens=1))
+    step(sched)  # blocks 0, 1 cached-free, blocks 2, 3 empty
+    sched.reserve(seq("x", 8, start=50))  # takes blocks 2, 3
+    with pytest.raises(NoCapacityError, match="needs 3 KV blocks, 2 are free"):
+        sched.reserve(seq("d", 12))  # hits 0, 1 and needs one more block
+    assert sched.block_pool.free_block_ids() == [1, 0] and "d" not in sched.requests
+    assert sched.reserve(seq("d", 8)) == 8
