@@ -67,6 +67,7 @@ class EngineSettings:
     device: str = "auto"  # auto = cuda when the actor has a GPU, else cpu
     num_threads: int | None = None  # torch threads; None = the actor's num_cpus
     block_size: int = 16
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         # EngineConfig owns the rules; build one with a placeholder model to apply them.

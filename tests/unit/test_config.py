@@ -56,7 +56,7 @@ prefill:
     max_num_seqs: 8
 decode:
   count: 3
-  engine: {dtype: float32, num_threads: 3}
+  engine: {dtype: float32, num_threads: 3, enable_prefix_caching: false}
 router: {http_port: 9000, request_timeout_s: 30}
 redis_url: redis://10.0.0.1:6379/0
 heartbeat_interval_s: 1
@@ -68,6 +68,8 @@ lease_ttl_s: 5
         role="prefill", count=2, num_cpus=2.0,
         engine=EngineSettings(kv_cache_memory_bytes=256 * 2**20, max_num_seqs=8))
     assert cfg.decode.count == 3 and cfg.decode.engine.dtype == "float32"
+    assert cfg.decode.engine.enable_prefix_caching is False
+    assert cfg.decode.engine.to_engine_config("m", 1).enable_prefix_caching is False
     assert cfg.router.http_port == 9000 and cfg.router.grpc_port == 50051
     assert cfg.router.request_timeout_s == 30.0
     assert cfg.redis_url == "redis://10.0.0.1:6379/0"
