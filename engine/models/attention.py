@@ -122,8 +122,8 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, num_keys: int) -> t
     return kv.view(num_seqs, num_keys, *cache.shape[2:]).transpose(1, 2)
 
 
-def _decode_kernels(q: torch.Tensor, k_cache: torch.Tensor) -> cpu_kernels.CpuKernels | None:
-    """The CPU decode-attention kernel, where it applies (float32 on the CPU)."""
+def _cpu_kernels(q: torch.Tensor, k_cache: torch.Tensor) -> cpu_kernels.CpuKernels | None:
+    """The CPU kernels, where they apply (float32 queries and pool on the CPU)."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
         return None
     return cpu_kernels.load()
@@ -139,18 +139,21 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D]; returns [T, H, D]. Writes k, v into the caches."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v.to(v_cache.dtype)
+    kernels = _cpu_kernels(q, k_cache)
+    if kernels is not None:
+        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    else:
+        k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k.to(k_cache.dtype)
+        v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v.to(v_cache.dtype)
     num_heads = q.shape[1]
     group = num_heads // num_kv_heads  # query heads per KV head (GQA/MQA), consecutive heads
     num_single = meta.num_single
-    kernels = _decode_kernels(q, k_cache) if num_single else None
     if kernels is not None and meta.multi_mask is None:  # decode only: in place, no gather
         return kernels.decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, head_dim**-0.5
         )
     out = torch.empty_like(q)
-    if kernels is not None:
+    if kernels is not None and num_single:
         out[:num_single] = kernels.decode_attention(
             q[:num_single], k_cache, v_cache, meta.block_tables[:num_single],
             meta.context_lens[:num_single], head_dim**-0.5,

@@ -13,10 +13,16 @@
  * paged KV pool, read in place through the block table (no gather copy). Heads are grouped
  * (GQA/MQA): query head h reads KV head h / (num_heads / num_kv_heads). Returns 0, or -1 when
  * out of memory.
+ *
+ * baton_add_rms_norm_f32: the residual add and RMSNorm of a decoder layer in one pass per row
+ * (torch's CPU rms_norm is a chain of six operators).
+ *
+ * baton_store_kv_f32: copy new tokens' K and V into their slots of the paged pool.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include <stdint.h>
 
 static inline float hsum(__m256 v) {
@@ -164,4 +170,42 @@ int baton_decode_attention_f32(const float* q, const float* k_cache, const float
         free(scores);
     }
     return failed ? -1 : 0;
+}
+
+/* residual, delta, out: [rows, dim]; weight: [dim]. If delta is not NULL, residual += delta first
+ * (in place); then out = residual / sqrt(mean(residual^2) + eps) * weight. */
+void baton_add_rms_norm_f32(float* residual, const float* delta, const float* weight, float* out,
+                            int64_t rows, int64_t dim, float eps, int num_threads) {
+    #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float* x = residual + r * dim;
+        const float* d = delta ? delta + r * dim : NULL;
+        float* o = out + r * dim;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= dim; i += 8) {
+            __m256 v = _mm256_loadu_ps(x + i);
+            if (d) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(d + i));
+                _mm256_storeu_ps(x + i, v);
+            }
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float sum_sq = hsum(acc);
+        for (; i < dim; i++) {
+            if (d) x[i] += d[i];
+            sum_sq += x[i] * x[i];
+        }
+        const float inv_rms = 1.0f / sqrtf(sum_sq / (float)dim + eps);
+        for (i = 0; i < dim; i++) o[i] = weight[i] * (x[i] * inv_rms);
+    }
+}
+
+/* k, v: [num_tokens, row] (row = num_kv_heads * head_dim); caches: [num_slots, row]. */
+void baton_store_kv_f32(const float* k, const float* v, float* k_cache, float* v_cache,
+                        const int64_t* slots, int64_t num_tokens, int64_t row) {
+    for (int64_t t = 0; t < num_tokens; t++) {
+        memcpy(k_cache + slots[t] * row, k + t * row, sizeof(float) * row);
+        memcpy(v_cache + slots[t] * row, v + t * row, sizeof(float) * row);
+    }
 }

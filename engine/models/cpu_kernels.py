@@ -74,6 +74,12 @@ class CpuKernels:
         self._attention = lib.baton_decode_attention_f32
         self._attention.argtypes = [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, ctypes.c_int]
         self._attention.restype = ctypes.c_int
+        self._add_rms_norm = lib.baton_add_rms_norm_f32
+        self._add_rms_norm.argtypes = [_ptr] * 4 + [_i64, _i64, ctypes.c_float, ctypes.c_int]
+        self._add_rms_norm.restype = None
+        self._store_kv = lib.baton_store_kv_f32
+        self._store_kv.argtypes = [_ptr] * 5 + [_i64, _i64]
+        self._store_kv.restype = None
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [1, in], weight [out, in] contiguous, bias [out] or None (float32, CPU) -> [1, out]."""
@@ -84,6 +90,41 @@ class CpuKernels:
             y.data_ptr(), weight.shape[0], weight.shape[1], torch.get_num_threads(),
         )
         return y
+
+    def add_rms_norm(
+        self,
+        x: torch.Tensor,  # [T, dim], added into residual when residual is given
+        residual: torch.Tensor | None,  # [T, dim] contiguous, updated in place
+        weight: torch.Tensor,  # [dim]
+        eps: float,
+    ) -> torch.Tensor:
+        """RMSNorm(x), or: residual += x in place, then RMSNorm(residual). Returns [T, dim]."""
+        if residual is None:  # normalize x; the kernel writes nothing back when delta is NULL
+            residual, x = x.contiguous(), None
+        elif not residual.is_contiguous():
+            raise ValueError("residual must be contiguous: it is updated in place")
+        else:
+            x = x.contiguous()
+        out = torch.empty_like(residual)
+        self._add_rms_norm(
+            residual.data_ptr(), None if x is None else x.data_ptr(), weight.data_ptr(),
+            out.data_ptr(), residual.shape[0], residual.shape[1], eps, torch.get_num_threads(),
+        )
+        return out
+
+    def store_kv(
+        self,
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D] contiguous
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,  # [T] int64
+    ) -> None:
+        k, v, slots = k.contiguous(), v.contiguous(), slot_mapping.contiguous()
+        self._store_kv(
+            k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+            k.shape[0], k.shape[1] * k.shape[2],
+        )
 
     def decode_attention(
         self,

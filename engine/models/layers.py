@@ -56,9 +56,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused kernel
-            return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm(x); or, given the residual stream, residual += x (in place) and
+        (RMSNorm(residual), residual) — the add and the norm in one pass on the CPU kernel."""
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
+            if (kernels := cpu_kernels.load()) is not None:
+                out = kernels.add_rms_norm(x, residual, self.weight, self.eps)
+                return out if residual is None else (out, residual)
+        if residual is None:
+            return self._norm(x)
+        residual += x
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the model dtype, as transformers does.
         dtype = x.dtype
         x32 = x.float()

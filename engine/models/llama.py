@@ -107,9 +107,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, k_cache, v_cache, meta):
+        """x: the previous layer's MLP output, still to be added into the residual stream
+        (residual is None at the first layer, where x is the embedding). Returns (mlp out, residual)."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, k_cache, v_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -142,9 +150,10 @@ class LlamaModel(nn.Module):
         """Hidden states after the final norm: [T, dim]."""
         x = self.embed_tokens(input_ids)  # [T, dim]
         cos, sin = rope_cos_sin(meta.positions, self.inv_freq, x.dtype)  # [T, 1, head_dim]
+        residual = None
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
-            x = layer(x, cos, sin, k_cache, v_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, k_cache, v_cache, meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, dim] -> logits [N, vocab] in float32."""

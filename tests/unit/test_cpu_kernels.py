@@ -70,7 +70,7 @@ def test_decode_attention_matches_sdpa_path(monkeypatch, num_heads, num_kv_heads
     k = torch.randn(len(context_lens), num_kv_heads, head_dim)
     v = torch.randn(len(context_lens), num_kv_heads, head_dim)
     got = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta)
-    monkeypatch.setattr(attention, "_decode_kernels", lambda q, k_cache: None)
+    monkeypatch.setattr(attention, "_cpu_kernels", lambda q, k_cache: None)
     expected = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -84,7 +84,7 @@ def test_mixed_batch_uses_the_kernel_for_its_decodes(monkeypatch):
     meta = AttentionMetadata.build([1, 1, 5], [20, 7, 5], [[3, 4], [0], [9]], block_size, torch.device("cpu"))
     q, k, v = torch.randn(7, 4, 32), torch.randn(7, 2, 32), torch.randn(7, 2, 32)
     got = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta)
-    monkeypatch.setattr(attention, "_decode_kernels", lambda q, k_cache: None)
+    monkeypatch.setattr(attention, "_cpu_kernels", lambda q, k_cache: None)
     expected = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -101,3 +101,25 @@ def test_build_is_cached_by_source_and_flags(tmp_path):
     first = cpu_kernels.build(tmp_path)
     mtime = first.stat().st_mtime_ns
     assert cpu_kernels.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("num_tokens, dim", [(1, 576), (5, 13), (3, 8)])
+def test_add_rms_norm_matches_torch(monkeypatch, num_tokens, dim):
+    from engine.models import layers
+    from engine.models.layers import RMSNorm
+
+    torch.manual_seed(dim)
+    norm = RMSNorm(dim, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x, residual = torch.randn(num_tokens, dim), torch.randn(num_tokens, dim)
+    with torch.inference_mode():
+        plain = norm(x)
+        out, new_residual = norm(x, residual.clone())
+        monkeypatch.setattr(layers.cpu_kernels, "load", lambda: None)
+        expected_plain = norm(x)
+        expected_out, expected_residual = norm(x, residual.clone())
+    torch.testing.assert_close(plain, expected_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(new_residual, expected_residual)  # the same float32 add
+    assert torch.equal(new_residual, x + residual)
