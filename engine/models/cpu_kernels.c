@@ -109,8 +109,9 @@ void baton_gemv_f32(const float* w, const float* x, const float* bias, float* y,
 
 /* q, out: [num_seqs, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
  * head_dim]; block_tables: [num_seqs, max_blocks]; context_lens: [num_seqs] (>= 1).
- * One job per (sequence, KV head): each K and V row is loaded once for the group's query heads;
- * scores are computed for the whole context, then softmax, then the weighted sum of V. */
+ * One job per (sequence, KV head): each K and V row is read from memory once for the query heads
+ * sharing that KV head; scores are computed for the whole context, then softmax, then the
+ * weighted sum of V. */
 int baton_decode_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                                const int64_t* block_tables, const int64_t* context_lens,
                                float* out, int64_t num_seqs, int64_t num_heads,
@@ -130,14 +131,14 @@ int baton_decode_attention_f32(const float* q, const float* k_cache, const float
         if (scores == NULL) { failed = 1; continue; }
 #define KEY_ROW(pos) (k_cache + (table[(pos) / block_size] * block_size + (pos) % block_size) \
                               * token_stride + kv_head * head_dim)
-        for (int64_t g = 0; g < group; g++) {
-            const float* qg = qs + g * head_dim;
-            float* row = scores + g * num_keys;
-            int64_t pos = 0;
-            /* Four keys at a time: four independent FMA chains instead of one. */
-            for (; pos + 4 <= num_keys && head_dim % 8 == 0; pos += 4) {
-                const float *k0 = KEY_ROW(pos), *k1 = KEY_ROW(pos + 1);
-                const float *k2 = KEY_ROW(pos + 2), *k3 = KEY_ROW(pos + 3);
+        int64_t pos = 0;
+        /* Four keys at a time (four independent FMA chains), each scored against every query head
+         * of the group while its rows are in L1. */
+        for (; pos + 4 <= num_keys && head_dim % 8 == 0; pos += 4) {
+            const float *k0 = KEY_ROW(pos), *k1 = KEY_ROW(pos + 1);
+            const float *k2 = KEY_ROW(pos + 2), *k3 = KEY_ROW(pos + 3);
+            for (int64_t g = 0; g < group; g++) {
+                const float* qg = qs + g * head_dim;
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
                 for (int64_t i = 0; i < head_dim; i += 8) {
                     const __m256 qv = _mm256_loadu_ps(qg + i);
@@ -146,12 +147,17 @@ int baton_decode_attention_f32(const float* q, const float* k_cache, const float
                     a2 = _mm256_fmadd_ps(_mm256_loadu_ps(k2 + i), qv, a2);
                     a3 = _mm256_fmadd_ps(_mm256_loadu_ps(k3 + i), qv, a3);
                 }
-                row[pos] = hsum(a0) * scale;
-                row[pos + 1] = hsum(a1) * scale;
-                row[pos + 2] = hsum(a2) * scale;
-                row[pos + 3] = hsum(a3) * scale;
+                float* row = scores + g * num_keys + pos;
+                row[0] = hsum(a0) * scale;
+                row[1] = hsum(a1) * scale;
+                row[2] = hsum(a2) * scale;
+                row[3] = hsum(a3) * scale;
             }
-            for (; pos < num_keys; pos++) row[pos] = dot(KEY_ROW(pos), qg, head_dim) * scale;
+        }
+        for (; pos < num_keys; pos++) {
+            const float* k = KEY_ROW(pos);
+            for (int64_t g = 0; g < group; g++)
+                scores[g * num_keys + pos] = dot(k, qs + g * head_dim, head_dim) * scale;
         }
 #undef KEY_ROW
         for (int64_t g = 0; g < group; g++) {

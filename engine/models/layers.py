@@ -20,13 +20,17 @@ from engine.models import cpu_kernels
 # lm_head: up to ~2x at 8 tokens, ~1.25x at 64) and no faster for the others; beyond 64 tokens the
 # default GEMM is as fast or faster.
 _ONEDNN_MAX_TOKENS = 64
-_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class Linear(nn.Module):
     """y = x W^T (+ b), W stored [out, in] contiguous as in HF checkpoints.
 
-    Rows of a fused projection (qkv, gate+up) are filled shard by shard with `load_shard`.
+    The rows of a fused projection (qkv, gate+up) are filled shard by shard by the model's loader.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -41,7 +45,7 @@ class Linear(nn.Module):
             if x.shape[0] == 1 and (kernels := cpu_kernels.load()) is not None:
                 return kernels.gemv(x, self.weight, self.bias)
             if self.widens and x.shape[0] <= _ONEDNN_MAX_TOKENS:
-                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+                return onednn_linear(x, self.weight, self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
 
 

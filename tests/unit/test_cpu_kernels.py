@@ -34,8 +34,27 @@ def test_gemv_matches_torch_linear(n_out, n_in, bias):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * n_in**0.5)
 
 
-def test_linear_takes_the_same_value_on_every_path():
-    """One token (gemv), a few tokens (oneDNN or the default GEMM), many tokens (default GEMM)."""
+def test_linear_takes_the_same_value_on_every_path(monkeypatch):
+    """One token (gemv), a few tokens (oneDNN for a widening projection), many (default GEMM)."""
+    from engine.models import layers
+
+    calls = {"gemv": 0, "onednn": 0}
+    if kernels is not None:
+        gemv = kernels.gemv
+
+        def counting_gemv(*args):
+            calls["gemv"] += 1
+            return gemv(*args)
+
+        monkeypatch.setattr(kernels, "gemv", counting_gemv)
+    onednn = layers.onednn_linear
+
+    def counting_onednn(*args):
+        calls["onednn"] += 1
+        return onednn(*args)
+
+    monkeypatch.setattr(layers, "onednn_linear", counting_onednn)
+
     torch.manual_seed(0)
     for n_in, n_out in [(64, 192), (192, 64)]:
         layer = Linear(n_in, n_out, bias=True)
@@ -49,6 +68,9 @@ def test_linear_takes_the_same_value_on_every_path():
                 torch.testing.assert_close(
                     layer(x[:num_tokens]), expected[:num_tokens], rtol=1e-5, atol=1e-4
                 )
+    # gemv for the two single-token calls; oneDNN for 7 and 64 tokens of the widening layer only.
+    assert calls["gemv"] == (2 if kernels is not None else 0)
+    assert calls["onednn"] == (2 if layers._HAS_ONEDNN else 0)
 
 
 @needs_kernels
