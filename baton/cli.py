@@ -1,8 +1,9 @@
-"""The `baton` command: serve a cluster, show its status, chat with it.
+"""The `baton` command: serve a cluster, show its status, chat with it, benchmark the engine.
 
     baton serve [--config baton.yaml] [--model M] [--prefill-workers N] [--decode-workers N] ...
     baton status [--url http://127.0.0.1:8000] [--json]
     baton chat "What is the capital of France?" [--grpc-address 127.0.0.1:50051 | --url URL]
+    baton bench engine [--only decode,batch,prefill,prefix] [--quick] [--out-dir DIR] ...
 
 Heavy modules (ray, torch, cluster, the SDK) are imported inside the subcommands, so `baton --help`
 answers at once. Exit codes: 0 ok, 1 the command failed, 2 bad arguments or config.
@@ -13,12 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"
+DEFAULT_BENCH_OUT_DIR = Path("docs") / "benchmarks"  # under the current directory
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -123,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="most tokens to generate (default 256)")
     chat.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
     chat.set_defaults(func=cmd_chat)
+
+    from baton.bench.engine_config import add_engine_arguments  # torch-free: flags only
+
+    bench = commands.add_parser(
+        "bench", help="run a benchmark; results go to docs/benchmarks/",
+        description="Run one of Baton's benchmarks on this machine. Each reports ratios against "
+        "the machine's own roofline and against HF transformers, measured in the same run.",
+    )
+    benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    bench_engine = benchmarks.add_parser(
+        "engine", help="the engine against the roofline and HF generate (decode, batched "
+        "decode, prefill, prefix cache)",
+    )
+    add_engine_arguments(bench_engine, default_out_dir=DEFAULT_BENCH_OUT_DIR)
+    bench_engine.set_defaults(func=cmd_bench_engine)
     return parser
 
 
@@ -282,13 +301,24 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return _chat_http(args) if args.url else _chat_grpc(args)
 
 
+# ---- bench --------------------------------------------------------------------------------------
+
+
+def cmd_bench_engine(args: argparse.Namespace) -> int:
+    from baton.bench import engine_config
+
+    return engine_config.main(args, shlex.join(["baton", *args.argv]))
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    # serve narrates its progress; the client commands speak only when something goes wrong
-    quiet = logging.INFO if args.command == "serve" else logging.WARNING
+    args.argv = argv
+    # serve and bench narrate their progress; the client commands speak only when something fails
+    quiet = logging.INFO if args.command in ("serve", "bench") else logging.WARNING
     logging.basicConfig(level=logging.DEBUG if args.verbose else quiet, format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

@@ -7,7 +7,9 @@ import json
 import subprocess
 import sys
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -26,11 +28,15 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("argv, words", [
-    ([], ["serve", "status", "chat"]),
+    ([], ["serve", "status", "chat", "bench"]),
     (["serve"], ["--config", "--model", "--prefill-workers", "--decode-workers", "--host",
                  "--http-port", "--grpc-port", "--redis-url", "--ray-address", "colocated"]),
     (["status"], ["--url", "--json", "/cluster"]),
     (["chat"], ["message", "--grpc-address", "--url", "--temperature", "--max-tokens", "--system"]),
+    (["bench"], ["engine", "roofline"]),
+    (["bench", "engine"], ["--model", "--only", "--quick", "--tokens", "--repeats", "--threads",
+                           "--out-dir", "decode", "batch", "prefill", "prefix", "memory floor",
+                           "GEMM roofline", "docs/benchmarks"]),
 ])
 def test_help(capsys, argv, words):
     code, out, _ = run_cli(capsys, *argv, "--help")
@@ -39,10 +45,44 @@ def test_help(capsys, argv, words):
         assert word in out
 
 
-def test_bench_is_not_a_command_yet(capsys):
-    code, _, err = run_cli(capsys, "bench")
-    assert code == 2
-    assert "invalid choice: 'bench'" in err
+@pytest.fixture
+def bench_runs(monkeypatch):
+    """Stands in for the measuring module: records the config each `baton bench engine` gets."""
+    configs = []
+    monkeypatch.setitem(sys.modules, "baton.bench.engine",
+                        types.SimpleNamespace(run=configs.append))
+    return configs
+
+
+def test_bench_engine_arguments_become_its_config(bench_runs):
+    assert cli.main(["bench", "engine", "--only", "decode,prefill", "--quick", "--tokens", "8",
+                     "--threads", "2"]) == 0
+    (config,) = bench_runs
+    assert config.parts == ("decode", "prefill")
+    assert (config.num_new_tokens, config.num_repeats, config.num_threads) == (8, 1, 2)
+    assert config.concurrency == (1, 8) and config.prefill_lens == (128,)
+    assert config.out_dir is None  # a partial run writes only where --out-dir says
+    assert config.command == "baton bench engine --only decode,prefill --quick --tokens 8 --threads 2"
+
+
+def test_bench_engine_full_run_writes_to_docs(bench_runs, tmp_path):
+    assert cli.main(["bench", "engine"]) == 0
+    assert cli.main(["bench", "engine", "--quick", "--out-dir", str(tmp_path)]) == 0
+    full, quick = bench_runs
+    assert full.parts == ("decode", "batch", "prefill", "prefix")
+    assert (full.num_new_tokens, full.num_repeats) == (64, 3)
+    assert full.concurrency == (1, 8, 32, 64) and full.prefill_lens == (128, 512, 2048)
+    assert full.out_dir == Path("docs") / "benchmarks"
+    assert quick.out_dir == tmp_path
+
+
+def test_bench_engine_failure_is_exit_code_1(monkeypatch, caplog):
+    def fail(config):
+        raise ValueError("unknown model 'nope'")
+
+    monkeypatch.setitem(sys.modules, "baton.bench.engine", types.SimpleNamespace(run=fail))
+    assert cli.main(["bench", "engine", "--model", "nope"]) == 1
+    assert "unknown model 'nope'" in caplog.text
 
 
 def test_no_command(capsys):
@@ -60,6 +100,11 @@ def test_no_command(capsys):
     (["chat", "hi", "--max-tokens", "0"], ["--max-tokens", "> 0"]),
     (["chat", "hi", "--url", "http://x", "--grpc-address", "x:1"], ["not allowed with"]),
     (["chat"], ["message"]),
+    (["bench"], ["BENCHMARK"]),
+    (["bench", "engine", "--only", "decode,bogus"], ["--only", "decode, batch, prefill, prefix",
+                                                     "'decode,bogus'"]),
+    (["bench", "engine", "--tokens", "0"], ["--tokens", "> 0"]),
+    (["bench", "engine", "--repeats", "x"], ["--repeats", "whole number"]),
 ])
 def test_argument_errors_are_clear(capsys, argv, words):
     code, _, err = run_cli(capsys, *argv)
@@ -99,7 +144,8 @@ def test_help_does_not_import_heavy_modules():
     code = (
         "import sys\n"
         "from baton import cli\n"
-        "try:\n    cli.main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+        "for argv in (['serve', '--help'], ['bench', 'engine', '--help']):\n"
+        "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
         "heavy = [m for m in ('torch', 'ray', 'cluster', 'transformers') if m in sys.modules]\n"
         "print(heavy)\n"
     )
