@@ -77,8 +77,8 @@ class WorkerMetrics:
         ).labels(*values)
         self._step_seconds = Histogram(
             "baton_engine_step_seconds",
-            "Wall time of one engine step, by phase: prefill (the batch computes a multi-token "
-            "chunk) or decode (one token per sequence).",
+            "Wall time of one engine step, by phase: prefill (the batch computes prompt tokens "
+            "or recomputes) or decode (only each sequence's newest token).",
             [*labels, "phase"], buckets=LATENCY_BUCKETS, registry=registry,
         )
         self._prefill_step = self._step_seconds.labels(*values, "prefill")

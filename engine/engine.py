@@ -179,10 +179,16 @@ class LLMEngine:
         if not scheduled:
             self.last_step = None
             return self.scheduler.take_pending()
+        # A decode advances a sequence that has outputs by its one newest token; anything else
+        # (a prompt chunk, even of one token after a cache hit, or a recompute) is prefill work.
+        is_prefill = not all(
+            item.num_new_tokens == 1 and item.seq.num_output_tokens > 0 and item.samples
+            for item in scheduled
+        )
         sampled, logprobs = self.runner.execute(scheduled)
         outputs = self.scheduler.update(scheduled, sampled, logprobs)
         self.last_step = StepTiming(
-            is_prefill=any(item.num_new_tokens > 1 for item in scheduled),
+            is_prefill=is_prefill,
             num_tokens=sum(item.num_new_tokens for item in scheduled),
             seconds=time.perf_counter() - start,
         )

@@ -18,8 +18,9 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class StepTiming:
-    """One engine step: a prefill step computes at least one multi-token chunk (a prompt, or a
-    recompute after preemption); a decode step only advances sequences by one token each."""
+    """One engine step: a decode step only advances sequences that already have outputs by their
+    newest token; any other step (it computes prompt tokens, or recomputes after a preemption)
+    is a prefill step."""
 
     is_prefill: bool
     num_tokens: int  # tokens computed in the forward pass

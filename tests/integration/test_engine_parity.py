@@ -240,3 +240,20 @@ def test_engine_properties_and_validation():
     with pytest.raises(InvalidRequestError, match="already in use"):
         engine.add_request("ok", [1, 2], GREEDY)
     assert engine.num_waiting == 1 and engine.num_running == 0
+
+
+def test_step_timing_tells_prefill_from_decode():
+    engine = engine_for("llama-gqa")
+    prompt = list(range(3, 3 + 33))  # two full blocks and one token
+    sampling = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    phases = []
+    for request_id in ("cold", "cached"):
+        engine.add_request(request_id, prompt, sampling)
+        while engine.has_unfinished():
+            engine.step()
+            phases.append((request_id, engine.last_step.is_prefill, engine.last_step.num_tokens))
+    # Cold: the whole prompt, then two decodes. Cached: one prompt token after a 32-token hit is
+    # still prefill work.
+    assert phases == [("cold", True, 33), ("cold", False, 1), ("cold", False, 1),
+                      ("cached", True, 1), ("cached", False, 1), ("cached", False, 1)]
+    assert engine.last_step.seconds > 0
