@@ -9,14 +9,16 @@
             print(chunk.text, end="", flush=True)
 
 Inputs: a text `prompt` (no chat template), chat `messages` (the model's template is applied) or
-`token_ids` — exactly one. Sampling: temperature, top_p, top_k, min_p, seed, max_tokens, stop,
-stop_token_ids, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty; unset values
-take the server's defaults. `logprobs=k` returns each token's log-probability and its k most
-likely alternatives (Chunk.logprobs); `n` asks for n choices of one prompt (chunks carry their
-choice index; Result.choices holds them all, Result.text is choice 0's). `timeout` is the deadline of the whole call (retries
-included). A call that fails with UNAVAILABLE before any token arrived is retried with backoff up
-to `max_retries` times; later failures raise. Failures raise BatonError subclasses named after
-their cause. This module imports grpc and the generated stubs only (no torch, no engine).
+`token_ids` — exactly one. Sampling and stopping (GenerateOptions): temperature, top_p, top_k,
+min_p, seed, max_tokens, stop, stop_token_ids, ignore_eos, presence_penalty, frequency_penalty,
+repetition_penalty; unset values take the server's defaults. `logprobs=k` returns each token's
+log-probability and its k most likely alternatives (Chunk.logprobs); `n` asks for n choices of one
+prompt (chunks carry their choice index; Result.choices holds them all, Result.text is choice
+0's). `timeout` is the deadline of the whole call (retries included). A call that fails with
+UNAVAILABLE before any token arrived is retried with backoff up to `max_retries` times; later
+failures raise. Failures raise BatonError subclasses named after their cause.
+This module imports grpc and the generated stubs only (no torch, no engine), which is why
+TokenLogprob and its conversion here mirror engine.request.TokenLogprob and baton.wire's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import grpc
 import grpc.aio
@@ -34,7 +36,7 @@ import grpc.aio
 from baton.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 if TYPE_CHECKING:
-    from typing import Self
+    from typing import Self, Unpack
 
 _FINISH = {
     common_pb2.FINISH_REASON_UNSPECIFIED: None,
@@ -147,18 +149,36 @@ def _error(exc: grpc.RpcError) -> BatonError:
 Message = Mapping[str, str] | tuple[str, str]
 
 
+class GenerateOptions(TypedDict, total=False):
+    """Sampling and stopping options of stream() and generate(); unset ones take the server's
+    defaults. Each is the baton.v1.GenerateRequest field of the same name."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int
+    max_tokens: int
+    stop: str | Sequence[str]
+    stop_token_ids: Sequence[int]
+    ignore_eos: bool
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    logprobs: int
+    n: int
+
+
 def _request(prompt: str | None, messages: Sequence[Message] | None,
              token_ids: Sequence[int] | None, *, model: str | None, request_id: str | None,
-             temperature: float | None, top_p: float | None, top_k: int | None,
-             seed: int | None, max_tokens: int | None, stop: str | Sequence[str] | None,
-             ignore_eos: bool, min_p: float | None = None, presence_penalty: float | None = None,
-             frequency_penalty: float | None = None, repetition_penalty: float | None = None,
-             logprobs: int | None = None, n: int | None = None,
-             stop_token_ids: Sequence[int] | None = None) -> generation_pb2.GenerateRequest:
+             **options: Unpack[GenerateOptions]) -> generation_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
         raise TypeError("pass exactly one of prompt, messages or token_ids")
+    unknown = sorted(set(options) - GenerateOptions.__annotations__.keys())
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
     req = generation_pb2.GenerateRequest(request_id=request_id or f"sdk-{uuid.uuid4().hex}",
-                                         model=model or "", ignore_eos=ignore_eos)
+                                         model=model or "")
     if prompt is not None:
         req.prompt = prompt
     elif messages is not None:
@@ -172,19 +192,18 @@ def _request(prompt: str | None, messages: Sequence[Message] | None,
         req.token_ids.ids.extend(token_ids)
         if not token_ids:
             req.token_ids.SetInParent()
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
-                        ("seed", seed), ("max_tokens", max_tokens), ("min_p", min_p),
-                        ("presence_penalty", presence_penalty),
-                        ("frequency_penalty", frequency_penalty),
-                        ("repetition_penalty", repetition_penalty), ("logprobs", logprobs),
-                        ("n", n)):
-        if value is not None:
+    for name, value in options.items():
+        if value is None:
+            continue
+        if isinstance(getattr(req, name), (bool, int, float, str)):  # a scalar field
             setattr(req, name, value)
-    if stop_token_ids is not None:
-        req.stop_token_ids.extend(stop_token_ids)
-    if stop is not None:
-        req.stop.extend([stop] if isinstance(stop, str) else list(stop))
+        else:  # repeated: stop takes one string or several
+            getattr(req, name).extend([value] if isinstance(value, str) else value)
     return req
+
+
+def _logprob(msg: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(msg.token_id, msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))
 
 
 def _chunk(msg: generation_pb2.GenerateResponse) -> Chunk:
@@ -192,9 +211,7 @@ def _chunk(msg: generation_pb2.GenerateResponse) -> Chunk:
     if msg.HasField("usage"):
         usage = Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens,
                       msg.usage.cached_tokens)
-    logprobs = tuple(TokenLogprob(lp.token_id, lp.logprob,
-                                  tuple((t.token_id, t.logprob) for t in lp.top))
-                     for lp in msg.logprobs)
+    logprobs = tuple(_logprob(lp) for lp in msg.logprobs)
     return Chunk(msg.request_id, msg.text, tuple(msg.token_ids), _FINISH[msg.finish_reason], usage,
                  msg.index, logprobs)
 
@@ -253,21 +270,12 @@ class Client(_Base):
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
-               token_ids: Sequence[int] | None = None, temperature: float | None = None,
-               top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-               max_tokens: int | None = None, stop: str | Sequence[str] | None = None,
-               ignore_eos: bool = False, request_id: str | None = None,
-               timeout: float | None = None, min_p: float | None = None,
-               presence_penalty: float | None = None, frequency_penalty: float | None = None,
-               repetition_penalty: float | None = None, logprobs: int | None = None,
-               n: int | None = None, stop_token_ids: Sequence[int] | None = None,
+               token_ids: Sequence[int] | None = None, request_id: str | None = None,
+               timeout: float | None = None, **options: Unpack[GenerateOptions],
                ) -> Iterator[Chunk]:
+        """Chunks of one request as they arrive; options: see GenerateOptions."""
         req = _request(prompt, messages, token_ids, model=self.model, request_id=request_id,
-                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                       max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos, min_p=min_p,
-                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                       repetition_penalty=repetition_penalty, logprobs=logprobs, n=n,
-                       stop_token_ids=stop_token_ids)
+                       **options)
         deadline = time.monotonic() + (timeout or self.timeout)
         attempt = 0
         while True:
@@ -329,23 +337,12 @@ class AsyncClient(_Base):
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     async def stream(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
-                     token_ids: Sequence[int] | None = None, temperature: float | None = None,
-                     top_p: float | None = None, top_k: int | None = None,
-                     seed: int | None = None, max_tokens: int | None = None,
-                     stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                     request_id: str | None = None,
-                     timeout: float | None = None, min_p: float | None = None,
-                     presence_penalty: float | None = None,
-                     frequency_penalty: float | None = None,
-                     repetition_penalty: float | None = None, logprobs: int | None = None,
-                     n: int | None = None, stop_token_ids: Sequence[int] | None = None,
+                     token_ids: Sequence[int] | None = None, request_id: str | None = None,
+                     timeout: float | None = None, **options: Unpack[GenerateOptions],
                      ) -> AsyncIterator[Chunk]:
+        """Chunks of one request as they arrive; options: see GenerateOptions."""
         req = _request(prompt, messages, token_ids, model=self.model, request_id=request_id,
-                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                       max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos, min_p=min_p,
-                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                       repetition_penalty=repetition_penalty, logprobs=logprobs, n=n,
-                       stop_token_ids=stop_token_ids)
+                       **options)
         deadline = time.monotonic() + (timeout or self.timeout)
         attempt = 0
         while True:

@@ -7,7 +7,7 @@ one process (tests) and each worker serves only its own series. Names follow DES
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -99,8 +99,9 @@ class _EngineStatsCollector:
     _COUNTERS = (
         ("baton_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
          "prefix_cache_queries"),
-        ("baton_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed, "
-         "not received).", "prefix_cache_hits"),
+        ("baton_prefix_cache_hits",
+         "Prompt tokens found in the prefix cache (not computed, not received).",
+         "prefix_cache_hits"),
         ("baton_num_preemptions", "Sequences preempted for lack of KV blocks (to be recomputed).",
          "num_preemptions"),
     )

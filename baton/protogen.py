@@ -21,9 +21,8 @@ def proto_files() -> list[Path]:
 
 def generate(out_root: Path) -> list[Path]:
     """Generate stubs under out_root/baton/v1 and return the generated files."""
-    from grpc_tools import protoc  # dev dependency
-
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     args = [

@@ -1,7 +1,15 @@
 """Conversions between engine request types and baton.v1 messages, and gRPC settings shared by
-every server and channel. Protobuf stops here: cores only see dataclasses."""
+every server and channel. Protobuf stops here: cores only see dataclasses.
+
+SamplingParams converts field by field under the same names (baton.v1.SamplingParams mirrors the
+dataclass; tests/unit/test_wire.py checks that the two field sets are equal): repeated fields are
+tuples, and a field the proto marks `optional` is left unset when it holds the dataclass default,
+which is what it reads back as.
+"""
 
 from __future__ import annotations
+
+from dataclasses import fields
 
 from baton.v1 import common_pb2
 from engine.request import FinishReason, SamplingParams, TokenLogprob
@@ -21,44 +29,33 @@ _FINISH_TO_PROTO = {
 }
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
 
+_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+_SAMPLING_DEFAULTS = SamplingParams()
+_SAMPLING_OPTIONAL = frozenset(
+    f.name for f in common_pb2.SamplingParams.DESCRIPTOR.fields if f.has_presence)
+
 
 def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        max_tokens=params.max_tokens,
-        stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
-    )
-    if params.seed is not None:
-        msg.seed = params.seed
-    msg.presence_penalty = params.presence_penalty
-    msg.frequency_penalty = params.frequency_penalty
-    if params.repetition_penalty != 1.0:
-        msg.repetition_penalty = params.repetition_penalty
-    msg.min_p = params.min_p
-    if params.logprobs is not None:
-        msg.logprobs = params.logprobs
+    msg = common_pb2.SamplingParams()
+    for name in _SAMPLING_FIELDS:
+        value = getattr(params, name)
+        if isinstance(value, tuple):
+            getattr(msg, name).extend(value)
+        elif name not in _SAMPLING_OPTIONAL or value != getattr(_SAMPLING_DEFAULTS, name):
+            setattr(msg, name, value)
     return msg
 
 
 def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
     """Raises engine.request.InvalidRequestError for out-of-range values."""
-    return SamplingParams(
-        temperature=msg.temperature,
-        top_p=msg.top_p,
-        top_k=msg.top_k,
-        seed=msg.seed if msg.HasField("seed") else None,
-        max_tokens=msg.max_tokens,
-        stop_token_ids=tuple(msg.stop_token_ids),
-        ignore_eos=msg.ignore_eos,
-        presence_penalty=msg.presence_penalty,
-        frequency_penalty=msg.frequency_penalty,
-        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
-        min_p=msg.min_p,
-        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
-    )
+    values = {}
+    for name in _SAMPLING_FIELDS:
+        if name in _SAMPLING_OPTIONAL and not msg.HasField(name):
+            continue  # SamplingParams' default
+        value = getattr(msg, name)
+        repeated = isinstance(getattr(_SAMPLING_DEFAULTS, name), tuple)
+        values[name] = tuple(value) if repeated else value
+    return SamplingParams(**values)
 
 
 def logprob_to_proto(logprob: TokenLogprob) -> common_pb2.TokenLogprob:

@@ -1,7 +1,8 @@
 """Decode worker: Decode.Generate, Decode.Abort, Decode.GetLoad and KVTransfer.Push on one port.
 
 Request lifecycle here:
-  LOCAL:  Generate -> engine.add_request -> tokens stream back as steps produce them.
+  LOCAL:  Generate -> engine.add_request -> tokens stream back as steps produce them; the first
+          TokenBatch carries the prompt tokens found in the prefix cache (num_cached_tokens).
   REMOTE: Generate -> engine.reserve (the prompt's cached blocks, new blocks for the rest) +
           receiver.expect (lease) -> first message Reserved (num_cached_tokens) -> a prefill worker
           pushes the KV of the uncached tokens (KVTransfer.Push, validated, written into the
@@ -119,7 +120,8 @@ class DecodeWorker(WorkerServer, worker_pb2_grpc.DecodeServicer):
                 yield worker_pb2.DecodeResponse(tokens=worker_pb2.TokenBatch(
                     token_ids=event.new_token_ids,
                     finish_reason=finish_to_proto(event.finish_reason),
-                    logprobs=[logprob_to_proto(lp) for lp in event.logprobs or ()]))
+                    logprobs=[logprob_to_proto(lp) for lp in event.logprobs or ()],
+                    num_cached_tokens=event.num_cached_tokens or 0))
                 if finished:
                     return
             else:

@@ -4,16 +4,21 @@ Every block id in [0, num_total_blocks) has a ref_cnt: the number of block table
 A block with ref_cnt 0 is free and sits on the free list exactly once; a block with ref_cnt > 0 is
 used and is on no list. Free blocks come in two kinds, both allocatable:
     empty        - its contents mean nothing;
-    cached-free  - registered in the prefix cache (`mark_cached`), its K/V still valid, so a later
-                   request with the same prefix can take it back (`acquire`) instead of computing it.
+    cached-free  - registered in the prefix cache, its K/V still valid, so a later request with the
+                   same prefix can take it back (`acquire`) instead of computing it.
 num_free_blocks + num_used_blocks == num_total_blocks always.
+
+The prefix cache (engine/radix_cache.py), when there is one, is built into the pool:
+`BlockPool(n, prefix_cache=RadixCache(block_size))` is the one way to pair them, and the cache is
+the only record of which blocks are cached (`is_cached(b)` is `b in prefix_cache`). The scheduler
+registers blocks through `pool.prefix_cache`, so the cache it fills is the one the pool evicts from.
 
 The free list is doubly linked through two int arrays with a sentinel, so removing a block from
 its middle (a prefix-cache hit on a cached-free block) is O(1). `allocate` pops from the head,
 `free` appends blocks reaching ref_cnt 0 to the tail in the order given. The head is therefore the
-least recently freed block, and cached-free blocks are evicted least-recently-used: when
-`allocate` pops a cached-free block, it first calls `on_evict(block_id)` so the prefix cache
-forgets it. Callers free a block table in reverse, so a sequence's deepest blocks are evicted
+least recently freed block, and cached-free blocks are evicted least-recently-used: the cached-free
+blocks one `allocate` pops are handed to `prefix_cache.evict` in pop order, so the cache forgets
+them. Callers free a block table in reverse, so a sequence's deepest blocks are evicted
 before its shallower ones (the prefix cache relies on this: it only ever evicts leaves).
 
 Admission is two-step: `can_allocate(n)` then `allocate(n)`, which raises NoCapacityError rather
@@ -22,19 +27,19 @@ than allocating part of a request.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
+from engine.radix_cache import RadixCache
 from engine.request import NoCapacityError
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, on_evict: Callable[[int], None] | None = None) -> None:
+    def __init__(self, num_blocks: int, prefix_cache: RadixCache | None = None) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
         self.num_total_blocks = num_blocks
         self.ref_cnt = [0] * num_blocks
-        self._on_evict = on_evict
-        self._cached = [False] * num_blocks
+        self.prefix_cache = prefix_cache
         # The free list: node num_blocks is the sentinel; _next of the sentinel is the head.
         self._sentinel = num_blocks
         self._prev = [i - 1 for i in range(num_blocks + 1)]
@@ -69,7 +74,7 @@ class BlockPool:
         return block_ids
 
     def is_cached(self, block_id: int) -> bool:
-        return self._cached[block_id]
+        return self.prefix_cache is not None and block_id in self.prefix_cache
 
     def num_free_among(self, block_ids: Iterable[int]) -> int:
         """How many of block_ids are free: acquiring them takes that many from num_free_blocks."""
@@ -88,16 +93,15 @@ class BlockPool:
                 f"need {num_blocks} KV blocks, only {self._num_free} of "
                 f"{self.num_total_blocks} are free"
             )
+        cache = self.prefix_cache
         block_ids = []
         for _ in range(num_blocks):
             block_id = self._next[self._sentinel]
             self._unlink(block_id)
-            if self._cached[block_id]:
-                self._cached[block_id] = False
-                if self._on_evict is not None:
-                    self._on_evict(block_id)
             self.ref_cnt[block_id] = 1
             block_ids.append(block_id)
+        if cache is not None:
+            cache.evict([block_id for block_id in block_ids if block_id in cache])
         return block_ids
 
     def acquire(self, block_ids: Iterable[int]) -> None:
@@ -105,7 +109,7 @@ class BlockPool:
         cached-free block is taken out of the middle of the free list."""
         for block_id in block_ids:
             if self.ref_cnt[block_id] == 0:
-                if not self._cached[block_id]:
+                if not self.is_cached(block_id):
                     raise ValueError(f"block {block_id} is free and not cached; cannot acquire it")
                 self._unlink(block_id)
             self.ref_cnt[block_id] += 1
@@ -119,18 +123,6 @@ class BlockPool:
             self.ref_cnt[block_id] -= 1
             if self.ref_cnt[block_id] == 0:
                 self._append(block_id)
-
-    # ------------------------------------------------------------------ prefix cache
-    def mark_cached(self, block_ids: Iterable[int]) -> None:
-        """Record that the prefix cache now holds these (used) blocks; idempotent."""
-        for block_id in block_ids:
-            if self.ref_cnt[block_id] <= 0:
-                raise ValueError(f"block {block_id} is free; only a used block can be cached")
-            self._cached[block_id] = True
-
-    def uncache_all(self) -> None:
-        """Forget every cached mark (the prefix cache was cleared); the free list keeps its order."""
-        self._cached = [False] * self.num_total_blocks
 
     # ------------------------------------------------------------------ the free list
     def _unlink(self, block_id: int) -> None:

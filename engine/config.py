@@ -79,6 +79,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     num_threads: int | None = None  # torch threads; None = leave torch's default
     enable_prefix_caching: bool = True  # reuse the K/V of cached full blocks of earlier requests
+    # Record the prefix cache's BlockStored/BlockRemoved events for LLMEngine.take_kv_events; only
+    # for a consumer that drains them (otherwise they pile up and drop).
+    enable_kv_events: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -8,7 +8,8 @@ Decode role:     reserve (returns the prompt tokens already cached here) -> writ
 abort() works in every state and frees the request's blocks.
 
 With enable_prefix_caching, both roles reuse the K/V of full blocks cached from earlier requests
-(engine/radix_cache.py); take_kv_events() drains what the cache stored and evicted.
+(engine/radix_cache.py). With enable_kv_events too, the cache records what it stores and evicts
+for a consumer that drains it with take_kv_events().
 
 Start-up values (number of KV blocks, EOS ids, max_model_len) live here, never in EngineConfig.
 """
@@ -114,10 +115,11 @@ class LLMEngine:
             num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, dtype=self.kv_dtype,
             device=self.device,
         )
-        self.prefix_cache = RadixCache(self.block_size) if config.enable_prefix_caching else None
-        self.block_pool = BlockPool(
-            num_blocks, on_evict=self.prefix_cache.evict if self.prefix_cache is not None else None
+        self.prefix_cache = (
+            RadixCache(self.block_size, enable_events=config.enable_kv_events)
+            if config.enable_prefix_caching else None
         )
+        self.block_pool = BlockPool(num_blocks, prefix_cache=self.prefix_cache)
         self.scheduler = Scheduler(
             self.block_pool,
             block_size=self.block_size,
@@ -125,7 +127,6 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids,
-            prefix_cache=self.prefix_cache,
         )
         self.runner = ModelRunner(model, self.kv_cache, self.device)
         self.last_step: StepTiming | None = None
@@ -207,7 +208,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ prefix cache
     def take_kv_events(self) -> list[KVEvent]:
         """The prefix cache's BlockStored / BlockRemoved / AllBlocksCleared events since the last
-        call, oldest first ([] without prefix caching)."""
+        call, oldest first: the consumer's call (a router's index of cached blocks), to make
+        regularly. [] unless enable_prefix_caching and enable_kv_events."""
         return self.prefix_cache.take_events() if self.prefix_cache is not None else []
 
     def reset_prefix_cache(self) -> bool:
@@ -217,7 +219,6 @@ class LLMEngine:
         if self.block_pool.num_used_blocks:
             return False
         self.prefix_cache.clear()
-        self.block_pool.uncache_all()
         return True
 
     # ------------------------------------------------------------------ prefill role

@@ -117,12 +117,14 @@ class TokenLogprob:
 @dataclass
 class RequestOutput:
     """What one engine step produced for one request. logprobs, when the request asked for them,
-    holds one entry per new token."""
+    holds one entry per new token. The output carrying the first token also says how many prompt
+    tokens were found in the prefix cache (num_cached_tokens; None on later outputs)."""
 
     request_id: str
     new_token_ids: list[int]
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:

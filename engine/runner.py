@@ -54,7 +54,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[last_token[rows_index]])  # [N, vocab]
         seqs = [batch[j].seq for j in sampling_pos]
         rows = [
-            SamplingRow(s.sampling, s.seed, s.num_output_tokens, s.token_ids, s.num_prompt_tokens)
+            SamplingRow(s.sampling, s.seed, s.num_output_tokens, s.token_ids, s.num_prompt_tokens,
+                        s.sampler_state)
             for s in seqs
         ]
         token_ids = sample(logits, rows)

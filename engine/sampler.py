@@ -32,6 +32,9 @@ class SamplingRow:
     output_index: int  # index of the output token being sampled
     token_ids: Sequence[int] = ()  # prompt + outputs so far; read only for penalties
     num_prompt_tokens: int = 0
+    # The sequence's sampler_state, where penalties keep running counts between steps (it must
+    # always come with the same, growing token_ids); None: count token_ids afresh.
+    state: dict[str, object] | None = None
 
 
 def derive_seed(seed: int, output_index: int) -> int:
@@ -47,7 +50,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
     penalized = [i for i, row in enumerate(rows) if row.params.has_penalties]
     if penalized:
         index = torch.tensor(penalized, device=logits.device)
-        adjusted = apply_penalties(logits[index], [rows[i] for i in penalized])
+        adjusted = _apply_penalties_(logits[index], [rows[i] for i in penalized])  # a copy
         logits = logits.index_put((index,), adjusted)  # a copy: the raw logits stay intact
     token_ids = logits.argmax(dim=-1).tolist()
     random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
@@ -67,33 +70,117 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
                 a negative one multiplied by it;
     then logits[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0),
     count being the token's occurrences among the output tokens."""
-    device = logits.device
-    num_rows, vocab = logits.shape
-    max_len = max(len(row.token_ids) for row in rows)
-    # Padding points at an extra column `vocab`, dropped after the scatters.
-    padded, is_output = [], []
-    for row in rows:
-        n, pad = len(row.token_ids), max_len - len(row.token_ids)
-        padded.append(list(row.token_ids) + [vocab] * pad)
-        is_output.append([0.0] * row.num_prompt_tokens + [1.0] * (n - row.num_prompt_tokens)
-                         + [0.0] * pad)
-    ids = torch.tensor(padded, dtype=torch.int64).to(device)  # [R, L]
-    weights = torch.tensor(is_output, dtype=logits.dtype).to(device)  # [R, L]
-    counts = torch.zeros(num_rows, vocab + 1, dtype=logits.dtype, device=device)
-    counts = counts.scatter_add_(1, ids, weights)[:, :vocab]  # [R, vocab] output counts
+    return _apply_penalties_(logits.clone(memory_format=torch.contiguous_format), rows)
 
-    repetition = [row.params.repetition_penalty for row in rows]
-    if any(p != 1.0 for p in repetition):
-        seen = torch.zeros(num_rows, vocab + 1, dtype=torch.bool, device=device)
-        seen = seen.scatter_(1, ids, True)[:, :vocab]  # [R, vocab] in prompt or output
-        penalty = torch.tensor(repetition, dtype=logits.dtype, device=device)[:, None]
-        penalty = torch.where(seen, penalty, torch.ones_like(penalty))  # [R, vocab]
-        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
-    frequency = torch.tensor([row.params.frequency_penalty for row in rows],
-                             dtype=logits.dtype, device=device)[:, None]
-    presence = torch.tensor([row.params.presence_penalty for row in rows],
-                            dtype=logits.dtype, device=device)[:, None]
-    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+def _apply_penalties_(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """apply_penalties in place on a contiguous logits [R, vocab]. Only the seen tokens' logits
+    are read and written (a token never seen is left as is: x / 1, x * 1 and x - 0 are x)."""
+    device, dtype = logits.device, logits.dtype
+    vocab = logits.shape[1]
+    flat = logits.view(-1)  # [R * vocab]
+    states = [_penalty_state(row) for row in rows]
+    for row, state in zip(rows, states):
+        state.update(row.token_ids, row.num_prompt_tokens, device)
+
+    def spread(values: list, lengths: torch.Tensor, total: int, dtype: torch.dtype) -> torch.Tensor:
+        """[N]: each selected row's value repeated for each of its entries."""
+        return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(
+            lengths, output_size=total)
+
+    def per_row(selected: list[int], ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entries' positions in flat ([N]), and each selected row's number of entries."""
+        lengths = torch.tensor([t.numel() for t in ids], device=device)
+        index = torch.cat(ids)  # [N] token ids
+        offsets = spread([r * vocab for r in selected], lengths, index.numel(), torch.int64)
+        return index + offsets, lengths
+
+    repeated = [r for r, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if repeated:
+        index, lengths = per_row(repeated, [states[r].seen_ids for r in repeated])
+        penalty = spread([rows[r].params.repetition_penalty for r in repeated], lengths,
+                         index.numel(), dtype)
+        values = flat.index_select(0, index)  # index_select/index_copy_: advanced indexing is slow
+        flat.index_copy_(0, index, torch.where(values > 0, values / penalty, values * penalty))
+    counted = [r for r, row in enumerate(rows)
+               if row.params.frequency_penalty != 0.0 or row.params.presence_penalty != 0.0]
+    if counted:
+        index, lengths = per_row(counted, [states[r].output_ids for r in counted])
+        counts = torch.cat([states[r].output_counts for r in counted]).to(dtype)  # [N], all > 0
+        frequency = spread([rows[r].params.frequency_penalty for r in counted], lengths,
+                           index.numel(), dtype)
+        presence = spread([rows[r].params.presence_penalty for r in counted], lengths,
+                          index.numel(), dtype)
+        values = flat.index_select(0, index)
+        flat.index_copy_(0, index, values - frequency * counts - presence)
+    return logits
+
+
+class PenaltyState:
+    """One sequence's token statistics for penalties, kept between steps in its sampler_state and
+    brought up to date with the tokens appended since the last call (token_ids only ever grows),
+    so a step costs in proportion to its new tokens, not to the sequence's length:
+        seen_ids       [S] int64, the distinct token ids of the prompt and the output;
+        output_ids     [U] int64, the distinct output token ids;
+        output_counts  [U] float32, how often each of them occurs in the output.
+    """
+
+    def __init__(self) -> None:
+        self._reset(torch.device("cpu"), 0)
+
+    def _reset(self, device: torch.device, num_prompt_tokens: int) -> None:
+        self.num_tokens = 0  # leading tokens of token_ids counted so far
+        self.num_prompt_tokens = num_prompt_tokens
+        self._seen: set[int] = set()
+        self._output_index: dict[int, int] = {}  # output token id -> its index in output_ids
+        self.seen_ids = torch.empty(0, dtype=torch.int64, device=device)
+        self.output_ids = torch.empty(0, dtype=torch.int64, device=device)
+        self.output_counts = torch.empty(0, dtype=torch.float32, device=device)
+
+    def update(self, token_ids: Sequence[int], num_prompt_tokens: int, device: torch.device) -> None:
+        if (self.seen_ids.device != device or num_prompt_tokens != self.num_prompt_tokens
+                or len(token_ids) < self.num_tokens):
+            self._reset(device, num_prompt_tokens)  # not the tokens counted so far: recount
+        start = self.num_tokens
+        new_seen: list[int] = []
+        if start < num_prompt_tokens:
+            prompt_ids = set(token_ids[start:num_prompt_tokens]) - self._seen
+            self._seen |= prompt_ids
+            new_seen.extend(prompt_ids)
+            start = num_prompt_tokens
+        new_output: list[int] = []
+        counted: list[int] = []  # the index in output_ids of each new output token
+        for token_id in token_ids[start:]:
+            if token_id not in self._seen:
+                self._seen.add(token_id)
+                new_seen.append(token_id)
+            index = self._output_index.get(token_id)
+            if index is None:
+                index = self._output_index[token_id] = len(self._output_index)
+                new_output.append(token_id)
+            counted.append(index)
+        self.num_tokens = len(token_ids)
+        if new_seen:
+            new_ids = torch.tensor(new_seen, dtype=torch.int64, device=device)
+            self.seen_ids = torch.cat([self.seen_ids, new_ids])
+        if new_output:
+            new_ids = torch.tensor(new_output, dtype=torch.int64, device=device)
+            self.output_ids = torch.cat([self.output_ids, new_ids])
+            self.output_counts = torch.cat([
+                self.output_counts, torch.zeros(len(new_output), device=device)])
+        if counted:
+            index = torch.tensor(counted, dtype=torch.int64, device=device)
+            self.output_counts.index_add_(0, index, torch.ones(len(counted), device=device))
+
+
+def _penalty_state(row: SamplingRow) -> PenaltyState:
+    """The row's sequence's PenaltyState, made on first use; a fresh one for a row without state."""
+    if row.state is None:
+        return PenaltyState()
+    state = row.state.get("penalties")
+    if not isinstance(state, PenaltyState):
+        state = row.state["penalties"] = PenaltyState()
+    return state
 
 
 def token_logprobs(logits: torch.Tensor, rows: list[SamplingRow],

@@ -7,14 +7,17 @@ When a running sequence needs a block and none is free, the most recently admitt
 is preempted: its blocks are freed and it returns to the head of the waiting queue, to be
 recomputed from its prompt and outputs (greedy and seeded sampling are unaffected).
 
-With a prefix cache (engine/radix_cache.py), admission looks up the sequence's tokens but the last
-(at least one token is always computed, for its logits), takes the cached blocks found and starts
-the sequence at num_computed_tokens = hits * block_size; a reservation looks up the whole prompt.
-After every step, blocks that became full of computed tokens are registered in the cache (a
-reservation's only at commit, once its K/V has arrived). Block tables are freed in reverse, so a
-sequence's blocks stay cached (cached-free) until evicted, deepest first; a preempted sequence
-usually finds its own blocks again when it is recomputed. Block tables only ever grow while a
-sequence holds them: a block computed twice stays a private copy rather than being swapped.
+With a prefix cache (the block pool's, engine/radix_cache.py), admission looks up the sequence's
+tokens but the last (at least one token is always computed, for its logits), takes the cached
+blocks found and starts the sequence at num_computed_tokens = hits * block_size; a reservation
+looks up the whole prompt. Both go through `_take_blocks`. A head of the waiting queue that must
+wait for blocks keeps its lookup and resumes it on the next step (valid until a block is evicted).
+After every step, blocks that became full of computed tokens are registered in the cache,
+continuing from the sequence's last registered node (a reservation's only at commit, once its K/V
+has arrived). Block tables are freed in reverse, so a sequence's blocks stay cached (cached-free)
+until evicted, deepest first; a preempted sequence usually finds its own blocks again when it is
+recomputed. Block tables only ever grow while a sequence holds them: a block computed twice stays
+a private copy rather than being swapped.
 
 Lifecycle of a sequence here:
     add -> waiting -> running -> finished (blocks freed; reported once by update/take_pending)
@@ -30,7 +33,6 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.block_pool import BlockPool
-from engine.radix_cache import RadixCache
 from engine.request import (
     FinishReason,
     InvalidRequestError,
@@ -66,12 +68,12 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: frozenset[int],
-        prefix_cache: RadixCache | None = None,
     ) -> None:
-        """prefix_cache, if given, must be the one block_pool evicts from (its on_evict)."""
+        """Prefix caching is on when block_pool was built with a prefix cache."""
+        prefix_cache = block_pool.prefix_cache
         if prefix_cache is not None and prefix_cache.block_size != block_size:
             raise ValueError(
-                f"prefix_cache.block_size {prefix_cache.block_size} != block_size {block_size}"
+                f"the prefix cache's block_size {prefix_cache.block_size} != block_size {block_size}"
             )
         self.block_pool = block_pool
         self.prefix_cache = prefix_cache
@@ -100,15 +102,7 @@ class Scheduler:
         K/V of the uncached tokens will be written from outside. Returns the number of cached
         tokens (a multiple of block_size; possibly the whole prompt)."""
         self._check_new(seq)
-        hit_ids = self._match(seq.prompt_token_ids)
-        num_blocks = self._blocks_for(seq.num_prompt_tokens) - len(hit_ids)
-        num_taken = num_blocks + self.block_pool.num_free_among(hit_ids)
-        if not self.block_pool.can_allocate(num_taken):
-            raise NoCapacityError(
-                f"request {seq.request_id} needs {num_taken} KV blocks, "
-                f"{self.block_pool.num_free_blocks} are free"
-            )
-        self._take_blocks(seq, hit_ids, num_blocks)
+        self._take_blocks(seq, seq.num_prompt_tokens, seq.num_prompt_tokens)
         seq.status = RequestStatus.WAITING_FOR_KV
         self.reserved[seq.request_id] = seq
         self.requests[seq.request_id] = seq
@@ -184,14 +178,11 @@ class Scheduler:
         ):
             seq = self.waiting[0]
             # A waiting sequence holds no block (new, or preempted); the last token is computed.
-            hit_ids = self._match(seq.token_ids[:-1])
-            num_computed = len(hit_ids) * self.block_size
-            num_new = min(seq.num_tokens - num_computed, budget)
-            needed = self._blocks_for(num_computed + num_new) - len(hit_ids)
-            if not self.block_pool.can_allocate(needed + self.block_pool.num_free_among(hit_ids)):
+            try:
+                num_new = self._take_blocks(seq, seq.num_tokens - 1, budget)
+            except NoCapacityError:
                 break
             self.waiting.popleft()
-            self._take_blocks(seq, hit_ids, needed)
             seq.status = RequestStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, num_new))
@@ -223,6 +214,7 @@ class Scheduler:
             outputs.append(RequestOutput(
                 seq.request_id, [token_id], seq.finish_reason,
                 None if token_logprob is None else [token_logprob],
+                seq.num_cached_prompt_tokens if seq.num_output_tokens == 1 else None,
             ))
             if done or seq.prefill_only:
                 finished.append(seq)
@@ -290,47 +282,66 @@ class Scheduler:
         seq.status = RequestStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def _match(self, token_ids: list[int]) -> list[int]:
-        """Block ids of the longest cached prefix of token_ids; counts the lookup in stats only
-        once the sequence is admitted (see _take_blocks)."""
-        if self.prefix_cache is None:
-            return []
-        return self.prefix_cache.match(token_ids)
-
-    def _take_blocks(self, seq: Sequence, hit_ids: list[int], num_new_blocks: int) -> None:
-        """Give seq the cached blocks hit_ids, then num_new_blocks fresh ones (acquire first: the
-        allocation may evict cached-free blocks, never these)."""
-        assert not seq.block_table and seq.num_computed_tokens == 0
-        self.block_pool.acquire(hit_ids)
-        seq.block_table = hit_ids + self.block_pool.allocate(num_new_blocks)
-        seq.num_cached_blocks = len(hit_ids)
-        seq.num_computed_tokens = len(hit_ids) * self.block_size
+    def _take_blocks(self, seq: Sequence, num_lookup_tokens: int, max_new_tokens: int) -> int:
+        """Admit seq's blocks: look up its first num_lookup_tokens tokens in the prefix cache,
+        take the cached blocks found and fresh ones for up to max_new_tokens tokens after them.
+        Returns the number of tokens left to compute now. Raises NoCapacityError, taking nothing,
+        when the blocks are not free; the lookup stays in seq.prefix_match for the next try."""
+        if seq.block_table or seq.num_computed_tokens:
+            raise RuntimeError(
+                f"request {seq.request_id}: admitted while holding {len(seq.block_table)} blocks "
+                f"and {seq.num_computed_tokens} computed tokens"
+            )
+        match, hit_ids = None, []
         if self.prefix_cache is not None:
+            match = self.prefix_cache.lookup(seq.token_ids, seq.prefix_match, num_lookup_tokens)
+            seq.prefix_match, hit_ids = match, match.block_ids
+        num_computed = len(hit_ids) * self.block_size
+        num_new = min(seq.num_tokens - num_computed, max_new_tokens)
+        num_blocks = self._blocks_for(num_computed + num_new) - len(hit_ids)
+        # Cached-free hits leave the free list too.
+        num_taken = num_blocks + self.block_pool.num_free_among(hit_ids)
+        if not self.block_pool.can_allocate(num_taken):
+            raise NoCapacityError(
+                f"request {seq.request_id} needs {num_taken} KV blocks, "
+                f"{self.block_pool.num_free_blocks} are free"
+            )
+        # Acquire first: the allocation may evict cached-free blocks, never these.
+        self.block_pool.acquire(hit_ids)
+        seq.block_table = hit_ids + self.block_pool.allocate(num_blocks)
+        seq.num_computed_tokens = num_computed
+        if seq.num_cached_prompt_tokens is None:  # the first admission; not a recompute
+            seq.num_cached_prompt_tokens = min(num_computed, seq.num_prompt_tokens)
+        if match is not None:
+            seq.cache_node, seq.prefix_match = match.node, None
             self.stats.prefix_cache_queries += seq.num_tokens
             self.stats.prefix_cache_hits += seq.num_computed_tokens
             if hit_ids:
                 logger.debug("request %s: %d of %d tokens cached", seq.request_id,
                              seq.num_computed_tokens, seq.num_tokens)
+        return num_new
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
-        """Register seq's blocks whose tokens are all computed."""
+        """Register seq's blocks whose tokens are all computed, from its last registered one."""
         if self.prefix_cache is None:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
-        if num_full <= seq.num_cached_blocks:
+        num_cached = seq.num_cached_blocks
+        if num_full <= num_cached:
             return
-        num_cached = self.prefix_cache.insert(
-            seq.token_ids[: num_full * self.block_size], seq.block_table[:num_full]
-        )
-        assert num_cached >= seq.num_cached_blocks  # its own cached blocks are in use: kept
-        self.block_pool.mark_cached(seq.block_table[seq.num_cached_blocks : num_cached])
-        seq.num_cached_blocks = num_cached
+        node = self.prefix_cache.insert(seq.token_ids, seq.block_table[:num_full], seq.cache_node)
+        if node.depth < num_cached:  # its own registered blocks are in use: never evicted
+            raise RuntimeError(
+                f"request {seq.request_id}: {node.depth} blocks cached under its ids, "
+                f"{num_cached} were"
+            )
+        seq.cache_node = node
 
     def _free_blocks(self, seq: Sequence) -> None:
         # In reverse: the deepest blocks reach the free list first and are evicted first.
         self.block_pool.free(reversed(seq.block_table))
         seq.block_table = []
-        seq.num_cached_blocks = 0
+        seq.cache_node = None
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -6,15 +6,20 @@ samples its next token when a step brings num_computed_tokens up to num_tokens â
 prefill (chunked or not), a decode step, a recompute after preemption and a remote-KV commit are
 all the same motion. Prefix-cache hits start a sequence with num_computed_tokens already at the
 cached length: its first block_table entries are cached blocks shared with other sequences.
-num_cached_blocks counts the leading blocks of block_table registered in the prefix cache under
-this sequence's own ids; they are the only blocks that may be shared, and a block is registered
-only once its block_size tokens are all computed.
+cache_node is the prefix-cache node of the last leading block of block_table registered in the
+cache under this sequence's own ids (num_cached_blocks counts them); they are the only blocks that
+may be shared, and a block is registered only once its block_size tokens are all computed. The
+next registration continues from cache_node; it is reset when the blocks are freed.
+prefix_match is the last lookup of a waiting sequence, resumed on its next admission attempt.
+sampler_state is where the sampler keeps this sequence's running statistics between steps
+(engine/sampler.py); opaque here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.radix_cache import PrefixMatch, RadixNode
 from engine.request import FinishReason, RequestStatus, SamplingParams
 
 
@@ -29,8 +34,15 @@ class Sequence:
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
-    num_cached_blocks: int = 0
+    cache_node: RadixNode | None = None  # None: no block registered
+    prefix_match: PrefixMatch | None = None  # while waiting
     finish_reason: FinishReason | None = None
+    sampler_state: dict[str, object] = field(default_factory=dict)
+    num_cached_prompt_tokens: int | None = None  # prompt tokens the prefix cache held at admission
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return 0 if self.cache_node is None else self.cache_node.depth
 
     @property
     def num_tokens(self) -> int:

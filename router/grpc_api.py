@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from baton.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from baton.wire import GRPC_OPTIONS, logprob_to_proto
 from router.errors import RouterError
+from router.requests import SAMPLING_ARGS
 from router.service import GenerationService, Output
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,8 @@ _FINISH = {
     "length": common_pb2.FINISH_REASON_LENGTH,
     "abort": common_pb2.FINISH_REASON_ABORT,
 }
-_MAX_REQUEST_ID_LEN = 128
-# Optional GenerateRequest fields passed to RequestBuilder.build under the same name.
-_OPTIONAL_SAMPLING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
-                      "logprobs", "n")
+# GenerateRequest fields passed to RequestBuilder.build under the same name.
+_BUILD_ARGS = (*SAMPLING_ARGS, "max_tokens", "logprobs")
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -60,9 +59,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         builder = self.service.builder
         builder.check_model(request.model, required=False)
         rid = request.request_id or f"gen-{uuid.uuid4().hex}"
-        if len(rid) > _MAX_REQUEST_ID_LEN:
-            raise RouterError.invalid(
-                f"request_id may have at most {_MAX_REQUEST_ID_LEN} characters", "request_id")
         which = request.WhichOneof("input")
         if which == "prompt":
             prompt_ids = builder.prompt_ids_from_text(request.prompt)
@@ -76,18 +72,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             prompt_param, default_max = "token_ids", 16
         else:
             raise RouterError.invalid("one of prompt, chat or token_ids must be set", "input")
-        return builder.build(
-            rid, prompt_ids,
-            temperature=request.temperature if request.HasField("temperature") else None,
-            top_p=request.top_p if request.HasField("top_p") else None,
-            top_k=request.top_k if request.HasField("top_k") else None,
-            seed=request.seed if request.HasField("seed") else None,
-            max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
-            default_max_tokens=default_max, stop=list(request.stop) or None,
-            ignore_eos=request.ignore_eos, prompt_param=prompt_param,
-            stop_token_ids=list(request.stop_token_ids) or None,
-            **{name: getattr(request, name) if request.HasField(name) else None
-               for name in _OPTIONAL_SAMPLING})
+        return builder.build(rid, prompt_ids, default_max_tokens=default_max,
+                             prompt_param=prompt_param,
+                             **{name: _field(request, name) for name in _BUILD_ARGS})
 
     async def Abort(self, request: generation_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
@@ -97,6 +84,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                          context: grpc.aio.ServicerContext) -> generation_pb2.ListModelsResponse:
         return generation_pb2.ListModelsResponse(models=[generation_pb2.ModelInfo(
             id=self.service.config.model_name, max_model_len=self.service.max_model_len)])
+
+
+def _field(request: generation_pb2.GenerateRequest, name: str):
+    """A field's value; None for an unset `optional` field or an empty repeated one."""
+    value = getattr(request, name)
+    if isinstance(value, (bool, int, float, str)):
+        has_presence = request.DESCRIPTOR.fields_by_name[name].has_presence
+        return value if not has_presence or request.HasField(name) else None
+    return list(value) or None
 
 
 def _response(request_id: str, out: Output) -> generation_pb2.GenerateResponse:

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -30,10 +30,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.request import TokenLogprob
 from router.errors import ErrorKind, RouterError
-from router.logprobs import CompletionLogprobs, TokenTexts
+from router.logprobs import TokenTexts, completion_logprobs
 from router.openai_schema import ChatCompletionRequest, CompletionRequest, check_unsupported
 from router.registry import WorkerDirectory
-from router.requests import GenerationRequest
+from router.requests import SAMPLING_ARGS, GenerationRequest
 from router.service import GenerationService, Output, Usage
 
 log = logging.getLogger(__name__)
@@ -84,12 +84,7 @@ def create_app(service: GenerationService, directory: WorkerDirectory,
     texts = TokenTexts(service.tokenizer)
 
     def sampling_args(body: CompletionRequest | ChatCompletionRequest) -> dict:
-        return {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-                "seed": body.seed, "stop": body.stop, "ignore_eos": body.ignore_eos,
-                "presence_penalty": body.presence_penalty,
-                "frequency_penalty": body.frequency_penalty,
-                "repetition_penalty": body.repetition_penalty, "min_p": body.min_p,
-                "stop_token_ids": body.stop_token_ids, "n": body.n}
+        return {name: getattr(body, name) for name in SAMPLING_ARGS}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -111,11 +106,11 @@ def create_app(service: GenerationService, directory: WorkerDirectory,
             logprobs=body.logprobs, max_logprobs=MAX_COMPLETION_LOGPROBS, **sampling_args(body))
         envelope = {"id": rid, "object": "text_completion", "created": int(time.time()),
                     "model": config.model_name}
-        offsets = [CompletionLogprobs(texts) for _ in range(req.n)]
 
-        def choice(index: int, text: str, logprobs: list[TokenLogprob],
-                   finish_reason: str | None) -> dict:
-            block = offsets[index].block(logprobs) if body.logprobs is not None else None
+        def choice(index: int, text: str, logprobs: Sequence[TokenLogprob],
+                   text_offsets: Sequence[int], finish_reason: str | None) -> dict:
+            block = (completion_logprobs(texts, logprobs, text_offsets)
+                     if body.logprobs is not None else None)
             return {"index": index, "text": text, "logprobs": block,
                     "finish_reason": finish_reason}
 
@@ -123,11 +118,11 @@ def create_app(service: GenerationService, directory: WorkerDirectory,
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await _stream(
                 request, service, req, envelope, include_usage,
-                lambda out: [choice(out.index, out.text, list(out.logprobs or ()),
-                                    out.finish_reason)], prelude=[])
+                lambda out: [choice(out.index, out.text, out.logprobs or (),
+                                    out.text_offsets or (), out.finish_reason)], prelude=[])
         collected, usage = await _collect(request, service, req)
         return JSONResponse({**envelope, "usage": _usage(usage), "choices": [
-            choice(i, "".join(c.pieces), c.logprobs, c.finish_reason)
+            choice(i, "".join(c.pieces), c.logprobs, c.text_offsets, c.finish_reason)
             for i, c in enumerate(collected)]})
 
     @app.post("/v1/chat/completions")
@@ -259,6 +254,7 @@ class _Collected:
 
     pieces: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    text_offsets: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
 
@@ -271,6 +267,7 @@ async def _collect(request: Request, service: GenerationService,
                 choice = collected[out.index]
                 choice.pieces.append(out.text)
                 choice.logprobs.extend(out.logprobs or ())
+                choice.text_offsets.extend(out.text_offsets or ())
                 if out.finish_reason is not None:
                     choice.finish_reason = out.finish_reason
                 if out.usage is not None:

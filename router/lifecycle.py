@@ -5,7 +5,8 @@
             P.Prefill(prompt, transfer_id, decode_address=D, num_skip_tokens=num_cached)
               -> first token, emitted at once; P pushed the KV to D before answering
             D streams TokenBatch(tokens 2..N) until one carries the finish reason
-    LOCAL:  D.Generate(prefill_mode=LOCAL) streams every token (colocated, or fallback)
+    LOCAL:  D.Generate(prefill_mode=LOCAL) streams every token (colocated, or fallback); the first
+            TokenBatch carries num_cached_tokens (the prompt tokens D's prefix cache held)
 
 Failure handling, all before the client has seen a token unless noted:
   - P fails (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...): the REMOTE attempt on D is cancelled
@@ -14,7 +15,8 @@ Failure handling, all before the client has seen a token unless noted:
   - INVALID_ARGUMENT / RESOURCE_EXHAUSTED from a worker become 400 / 429 for the client.
   - A failure after the first token ends the request with an error (migration: a later issue).
 Leaving the generator early (stop string, client gone, Abort) cancels the open calls and sends
-Abort to every worker that holds the request, so no KV is stranded.
+Abort to every worker that holds the request, so no KV is stranded. A handle aborted before the
+request opens a call (or between two calls) opens nothing more and ends as "abort".
 """
 
 from __future__ import annotations
@@ -131,6 +133,9 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.request_timeout_s
         rid = req.request_id
+        if handle.aborted:  # before it started (a choice waiting for choice 0): no worker has it
+            yield TokenEvent([], FinishReason.ABORT)
+            return
         excluded: set[str] = set()
         last_error: RouterError | None = None
         for attempt in range(1, self._max_attempts + 1):
@@ -192,7 +197,8 @@ class Dispatcher:
                 else:
                     yield TokenEvent([first], logprobs=None if first_logprob is None
                                      else [first_logprob])
-            if d_call is None:
+            first_local = d_call is None
+            if first_local:
                 d_call = self._open_decode(decode, req, handle, deadline,
                                            worker_pb2.PREFILL_MODE_LOCAL, "")
             while True:
@@ -203,6 +209,9 @@ class Dispatcher:
                     log.warning("request_id=%s: unexpected %s message from decode worker %s",
                                 rid, msg.WhichOneof("event"), plan.decode.worker_id)
                     continue
+                if first_local:  # a local prefill reports its cache hits with its first batch
+                    handle.num_cached_tokens = msg.tokens.num_cached_tokens
+                    first_local = False
                 reason = finish_from_proto(msg.tokens.finish_reason)
                 if reason is not None:
                     finished = True
@@ -214,7 +223,8 @@ class Dispatcher:
             if handle.aborted and not _task_cancelling():
                 log.info("request_id=%s: aborted", rid)
                 finished = True  # the aborts below free the KV; finally need not repeat them
-                self.abort_on(plan.decode, handle.worker_request_id)
+                if handle.worker_request_id:
+                    self.abort_on(plan.decode, handle.worker_request_id)
                 if handle.prefill_pending and plan.prefill is not None:
                     self.abort_on(plan.prefill, handle.worker_request_id)
                 yield TokenEvent([], FinishReason.ABORT)
@@ -230,6 +240,8 @@ class Dispatcher:
 
     def _open_decode(self, stub, req: GenerationRequest, handle: RequestHandle, deadline: float,
                      mode: int, transfer_id: str):
+        if handle.aborted:  # while an earlier call or attempt was ending: open nothing new
+            raise asyncio.CancelledError()
         n = handle.num_attempts
         handle.num_attempts += 1
         handle.worker_request_id = req.request_id if n == 0 else f"{req.request_id}~{n}"
@@ -258,6 +270,8 @@ class Dispatcher:
         handle.num_cached_tokens = num_cached
         log.debug("request_id=%s: %s reserved KV (%d cached tokens)", rid, plan.decode.worker_id,
                   num_cached)
+        if handle.aborted:  # while Reserved was on its way: D's call is cancelled, P gets nothing
+            raise asyncio.CancelledError()
         prefill = worker_pb2_grpc.PrefillStub(self.channels.get(plan.prefill.grpc_address))
         call = prefill.Prefill(
             worker_pb2.PrefillRequest(

@@ -1,9 +1,9 @@
 """From what a client sent (HTTP or gRPC, already parsed) to a validated GenerationRequest.
 
-Validation happens here, once, for both APIs: the model name, exactly one input (text prompt,
-chat messages or token ids), token ids inside the vocabulary, sampling parameters (the engine's
-SamplingParams rules), stop strings, stop token ids, the number of choices n, and the context
-limit. max_tokens is capped so that prompt + output fits the context; when the client leaves it
+Validation happens here, once, for both APIs: the request id, the model name, exactly one input
+(text prompt, chat messages or token ids), token ids inside the vocabulary, sampling parameters
+(the engine's SamplingParams rules), stop strings, stop token ids, the number of choices n, and
+the context limit. max_tokens is capped so that prompt + output fits the context; when the client leaves it
 unset it defaults to `default_max_tokens` (OpenAI: 16 for completions) or, if that is None, to
 the rest of the context (chat).
 Every refusal is a RouterError of kind INVALID_REQUEST naming the parameter.
@@ -11,6 +11,7 @@ Every refusal is a RouterError of kind INVALID_REQUEST naming the parameter.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,28 @@ from router.errors import RouterError
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_CHOICES = 128  # n, as OpenAI
+MAX_REQUEST_ID_LEN = 128
+# A client's request id: none of the separators of the router's own ids, "<id>#<choice>" for the
+# choices of an n > 1 request and "<id>~<attempt>" for retries, so no two requests share an id.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/@=+-]+")
+# Sampling arguments that reach SamplingParams under their own name, with their type.
+NUMERIC_SAMPLING: dict[str, type] = {
+    "temperature": float, "top_p": float, "top_k": int, "seed": int, "min_p": float,
+    "presence_penalty": float, "frequency_penalty": float, "repetition_penalty": float,
+}
+# The arguments of RequestBuilder.build that both APIs take under the same name (an OpenAI body
+# field, a baton.v1.GenerateRequest field), None when the client left them unset.
+SAMPLING_ARGS = (*NUMERIC_SAMPLING, "stop", "stop_token_ids", "ignore_eos", "n")
+
+
+def check_request_id(request_id: Any) -> None:
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_LEN:
+        raise RouterError.invalid(
+            f"request_id must be a string of 1 to {MAX_REQUEST_ID_LEN} characters", "request_id")
+    if not _REQUEST_ID.fullmatch(request_id):
+        raise RouterError.invalid(
+            f"request_id {request_id!r} may hold only letters, digits and _ . : / @ = + -",
+            "request_id")
 
 
 @dataclass(frozen=True)
@@ -164,30 +187,27 @@ class RequestBuilder:
         return tuple(dict.fromkeys(ids))
 
     def build(self, request_id: str, prompt_token_ids: Sequence[int], *,
-              temperature: Any = None, top_p: Any = None, top_k: Any = None, seed: Any = None,
               max_tokens: Any = None, default_max_tokens: int | None = 16, stop: Any = None,
               ignore_eos: Any = False, max_tokens_param: str = "max_tokens",
-              prompt_param: str = "prompt", presence_penalty: Any = None,
-              frequency_penalty: Any = None, repetition_penalty: Any = None, min_p: Any = None,
-              logprobs: Any = None, logprobs_param: str = "logprobs",
-              max_logprobs: int = MAX_LOGPROBS, stop_token_ids: Any = None,
-              n: Any = None) -> GenerationRequest:
-        """logprobs: None for none, else the number of alternatives per token, refused above
-        max_logprobs under the name logprobs_param (OpenAI's completions allow 5, chat 20)."""
-        for name, value, check, kind in (
-            ("temperature", temperature, _is_number, "a number"),
-            ("top_p", top_p, _is_number, "a number"),
-            ("top_k", top_k, _is_int, "an integer"),
-            ("seed", seed, _is_int, "an integer"),
-            (max_tokens_param, max_tokens, _is_int, "an integer"),
-            ("presence_penalty", presence_penalty, _is_number, "a number"),
-            ("frequency_penalty", frequency_penalty, _is_number, "a number"),
-            ("repetition_penalty", repetition_penalty, _is_number, "a number"),
-            ("min_p", min_p, _is_number, "a number"),
-            (logprobs_param, logprobs, _is_int, "an integer"),
-            ("n", n, _is_int, "an integer"),
+              prompt_param: str = "prompt", logprobs: Any = None,
+              logprobs_param: str = "logprobs", max_logprobs: int = MAX_LOGPROBS,
+              stop_token_ids: Any = None, n: Any = None, **sampling: Any) -> GenerationRequest:
+        """sampling: the arguments named in NUMERIC_SAMPLING, None for unset (SamplingParams'
+        default). logprobs: None for none, else the number of alternatives per token, refused
+        above max_logprobs under the name logprobs_param (OpenAI's completions allow 5, chat 20)."""
+        check_request_id(request_id)
+        unknown = sorted(set(sampling) - NUMERIC_SAMPLING.keys())
+        if unknown:
+            raise TypeError(f"unknown sampling arguments: {', '.join(unknown)}")
+        values = {name: value for name, value in sampling.items() if value is not None}
+        for name, value, is_int in (
+            *((name, value, NUMERIC_SAMPLING[name] is int) for name, value in values.items()),
+            (max_tokens_param, max_tokens, True),
+            (logprobs_param, logprobs, True),
+            ("n", n, True),
         ):
-            if value is not None and not check(value):
+            if value is not None and not (_is_int(value) if is_int else _is_number(value)):
+                kind = "an integer" if is_int else "a number"
                 raise RouterError.invalid(f"{name} must be {kind}, got {value!r}", name)
         if not isinstance(ignore_eos, bool):
             raise RouterError.invalid(f"ignore_eos must be true or false, got {ignore_eos!r}",
@@ -202,18 +222,10 @@ class RequestBuilder:
         requested = max_tokens if max_tokens is not None else default_max_tokens
         try:
             sampling = SamplingParams(
-                temperature=1.0 if temperature is None else float(temperature),
-                top_p=1.0 if top_p is None else float(top_p),
-                top_k=0 if top_k is None else top_k,
-                seed=seed,
+                **{name: NUMERIC_SAMPLING[name](value) for name, value in values.items()},
                 max_tokens=requested if requested is not None else max(room, 1),
                 stop_token_ids=self.stop_token_ids(stop_token_ids),
                 ignore_eos=ignore_eos,
-                presence_penalty=0.0 if presence_penalty is None else float(presence_penalty),
-                frequency_penalty=0.0 if frequency_penalty is None else float(frequency_penalty),
-                repetition_penalty=(1.0 if repetition_penalty is None
-                                    else float(repetition_penalty)),
-                min_p=0.0 if min_p is None else float(min_p),
                 logprobs=logprobs,
             )
             check_prompt(num_prompt, sampling.max_tokens, self.max_model_len)

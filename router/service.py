@@ -2,12 +2,22 @@
 
 `generate(req)` turns the worker token stream (router.lifecycle.Dispatcher) into client output:
 incremental detokenization, stop strings (a match ends the request with "stop" and aborts it on
-the workers), per-token logprobs, usage counts and the router's latency metrics. A request with
-n > 1 choices fans out into n worker requests "<id>-<i>" (choice i of a seeded request samples
-with seed + i) whose outputs are interleaved, each tagged with its choice index; the last output
-of the whole request carries the usage: the prompt counted once, the completions summed.
-`abort(request_id)` cancels a live request, all its choices, from anywhere (the gRPC Abort RPC).
-Lives on the router's asyncio loop.
+the workers), per-token logprobs with each token's offset in the choice's text, usage counts and
+the router's metrics.
+
+A request with n > 1 choices fans out into n worker requests "<id>#<i>" ("#" never appears in a
+client's request id, see router.requests), choice i of a seeded request sampling with seed + i.
+Choice 0 runs first; the others start once it produced its first token, when the workers have
+its prompt's full blocks in their prefix caches, so they compute and store only the prompt's
+tail. Their outputs are interleaved, each tagged with its choice index; the last output of the
+whole request carries the usage: the prompt counted once (its cached tokens are choice 0's), the
+completions summed. A choice that fails fails the request (the others are aborted on the workers).
+
+Lifecycle of a request here: admitted (every choice's slot taken and handle registered at once,
+or refused) -> running -> finished or failed or cancelled (handles unregistered, the request
+counted once in the metrics). `abort(request_id)` cancels a live request, all its choices, from
+anywhere (the gRPC Abort RPC); a choice aborted before it started ends as "abort" without
+reaching a worker. Lives on the router's asyncio loop.
 """
 
 from __future__ import annotations
@@ -25,10 +35,13 @@ from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenize
 from router.config import RouterConfig
 from router.errors import ErrorKind, RouterError
 from router.lifecycle import Dispatcher, RequestHandle
+from router.logprobs import TextOffsets
 from router.registry import WorkerDirectory
 from router.requests import GenerationRequest, RequestBuilder
 
 log = logging.getLogger(__name__)
+
+CHOICE_SEPARATOR = "#"  # choice i of request "r" is "r#i" on the workers
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,18 @@ class Output:
     usage: Usage | None = None
     index: int = 0  # the choice
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when asked for
+    # With logprobs: where each token's text starts in the choice's whole text (characters).
+    text_offsets: tuple[int, ...] | None = None
+
+
+@dataclass
+class _Choice:
+    """One choice of a request, as the workers see it, and what it produced so far."""
+
+    req: GenerationRequest
+    handle: RequestHandle
+    num_generated: int = 0
+    finish_reason: str | None = None
 
 
 class GenerationService:
@@ -67,21 +92,39 @@ class GenerationService:
                                       max_model_len=max_model_len, vocab_size=vocab_size,
                                       max_stop_strings=config.max_stop_strings)
         self.dispatcher = Dispatcher(config, directory.workers)
-        self._active: dict[str, RequestHandle] = {}
-        self._groups: dict[str, list[str]] = {}  # request id of n > 1 choices -> theirs
+        self._requests: dict[str, list[RequestHandle]] = {}  # request id -> one per choice
+        self._num_active = 0
 
     @property
     def num_active(self) -> int:
-        return len(self._active)
+        """Worker requests in flight: one per choice of every live request."""
+        return self._num_active
 
-    def admit(self, request_id: str, num_requests: int = 1) -> None:
-        """Refuse a request before any work: a duplicate id, or too many in flight."""
-        if request_id in self._active or request_id in self._groups:
-            raise RouterError.invalid(f"request_id {request_id!r} is already in use", "request_id")
-        if len(self._active) + num_requests > self.config.max_inflight_requests:
+    def _admit(self, req: GenerationRequest) -> list[_Choice]:
+        """Take a slot per choice and register every choice's handle, or refuse the request
+        before any work (a duplicate id, or too many in flight). Synchronous: an abort that
+        follows finds every choice."""
+        rid = req.request_id
+        if rid in self._requests:
+            raise RouterError.invalid(f"request_id {rid!r} is already in use", "request_id")
+        if self._num_active + req.n > self.config.max_inflight_requests:
             raise RouterError(ErrorKind.OVERLOADED,
-                              f"the router already has {len(self._active)} requests in flight; "
-                              "retry later", code="too_many_requests")
+                              f"the router already has {self._num_active} requests in flight "
+                              f"and this one needs {req.n}; retry later", code="too_many_requests")
+        if req.n == 1:
+            choices = [_Choice(req, RequestHandle(rid))]
+        else:
+            seed = req.sampling.seed
+            choices = []
+            for i in range(req.n):
+                choice_id = f"{rid}{CHOICE_SEPARATOR}{i}"
+                sampling = replace(req.sampling,
+                                   seed=None if seed is None else (seed + i) % 2**63)
+                choices.append(_Choice(replace(req, request_id=choice_id, n=1, sampling=sampling),
+                                       RequestHandle(choice_id)))
+        self._requests[rid] = [choice.handle for choice in choices]
+        self._num_active += req.n
+        return choices
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Output]:
         """Outputs of one request, every choice's ending with one that carries its finish_reason;
@@ -89,97 +132,21 @@ class GenerationService:
 
         Raises RouterError. Closing the generator early (client gone) aborts the request.
         """
-        if req.n == 1:
-            async with contextlib.aclosing(self._generate_choice(req, 0)) as outputs:
-                async for out in outputs:
-                    yield out
-            return
         rid = req.request_id
-        self.admit(rid, req.n)
-        seed = req.sampling.seed
-        choices = [replace(req, request_id=f"{rid}-{i}", n=1, sampling=replace(
-            req.sampling, seed=None if seed is None else (seed + i) % 2**63))
-            for i in range(req.n)]
-        self._groups[rid] = [choice.request_id for choice in choices]
-        queue: asyncio.Queue[Output | Exception] = asyncio.Queue()
-
-        async def pump(index: int, choice: GenerationRequest) -> None:
-            try:
-                async with contextlib.aclosing(self._generate_choice(choice, index)) as outputs:
-                    async for out in outputs:
-                        queue.put_nowait(out)
-            except Exception as exc:  # noqa: BLE001  (re-raised by the consumer below)
-                queue.put_nowait(exc)
-
-        tasks = [asyncio.create_task(pump(i, choice)) for i, choice in enumerate(choices)]
-        try:
-            num_left, num_completion, num_cached = req.n, 0, 0
-            while num_left:
-                out = await queue.get()
-                if isinstance(out, Exception):
-                    raise out
-                if out.usage is None:
-                    yield out
-                    continue
-                num_left -= 1
-                num_completion += out.usage.completion_tokens
-                num_cached = max(num_cached, out.usage.cached_tokens)
-                usage = Usage(req.num_prompt_tokens, num_completion, num_cached)
-                yield replace(out, usage=usage if num_left == 0 else None)
-        finally:
-            for task in tasks:
-                task.cancel()  # closes the choices still running: they abort on the workers
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self._groups.pop(rid, None)
-
-    async def _generate_choice(self, req: GenerationRequest, index: int) -> AsyncIterator[Output]:
-        rid = req.request_id
-        self.admit(rid)
-        handle = RequestHandle(rid)
-        self._active[rid] = handle
-        detokenizer = IncrementalDetokenizer(self.tokenizer)
-        stop = StopStringMatcher(req.stop)
-        num_generated = 0
-        last_token_at: float | None = None
-        outcome = "abort"  # what requests_total counts if we leave without a finish reason
+        choices = self._admit(req)
         counted = False
+        failed = False
         try:
-            async with contextlib.aclosing(self.dispatcher.run(req, handle)) as events:
-                async for event in events:
-                    now = time.monotonic()
-                    if event.token_ids:
-                        self._observe_tokens(req, len(event.token_ids), now, last_token_at)
-                        last_token_at = now
-                    num_generated += len(event.token_ids)
-                    text = detokenizer.add(event.token_ids)
-                    finish = event.finish_reason
-                    if finish is not None:
-                        text += detokenizer.flush()
-                    match = stop.feed(text)
-                    text = match.text
-                    if match.stopped:
-                        finish = FinishReason.STOP
-                        log.info("request_id=%s: stop string %r matched", rid, match.stop)
-                    elif finish is not None:
-                        text += stop.flush()
-                    logprobs = tuple(event.logprobs) if event.logprobs else None
-                    if finish is None:
-                        if text or event.token_ids:
-                            yield Output(text, tuple(event.token_ids), index=index,
-                                         logprobs=logprobs)
-                        continue
-                    outcome = finish.value
-                    usage = Usage(req.num_prompt_tokens, num_generated, handle.num_cached_tokens)
-                    self._observe_finish(req, usage, outcome)
-                    counted = True
-                    log.info("request_id=%s: finished (%s): %d prompt + %d generated tokens in "
-                             "%.3f s", rid, outcome, usage.prompt_tokens,
-                             usage.completion_tokens, time.monotonic() - req.arrival_time)
-                    yield Output(text, tuple(event.token_ids), outcome, usage, index, logprobs)
-                    return
-            raise RouterError(ErrorKind.INTERNAL, "the request ended without a finish reason")
+            outputs = (self._run_choice(choices[0], 0) if req.n == 1
+                       else self._fan_out(req, choices))
+            async with contextlib.aclosing(outputs) as outputs:
+                async for out in outputs:
+                    if out.usage is not None:  # every choice finished
+                        self._observe_finish(req, choices)
+                        counted = True
+                    yield out
         except RouterError as exc:
-            outcome = "error"
+            failed = True
             log.info("request_id=%s: failed: %s (%s)", rid, exc.message, exc.kind.name)
             raise
         except (asyncio.CancelledError, GeneratorExit):
@@ -187,13 +154,103 @@ class GenerationService:
                 log.info("request_id=%s: cancelled by the client", rid)
             raise
         finally:
-            self._active.pop(rid, None)
+            del self._requests[rid]
+            self._num_active -= req.n
             if not counted:
-                self.metrics.request_finished(outcome)
+                self.metrics.generation_tokens.inc(sum(c.num_generated for c in choices))
+                self.metrics.request_finished("error" if failed else "abort")
+
+    async def _fan_out(self, req: GenerationRequest,
+                       choices: list[_Choice]) -> AsyncIterator[Output]:
+        queue: asyncio.Queue[Output | Exception] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async with contextlib.aclosing(self._run_choice(choices[index], index)) as outs:
+                    async for out in outs:
+                        queue.put_nowait(out)
+            except Exception as exc:  # noqa: BLE001  (re-raised by the consumer below)
+                queue.put_nowait(exc)
+
+        tasks = [asyncio.create_task(pump(0))]
+        try:
+            num_left, num_completion = len(choices), 0
+            while num_left:
+                out = await queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                if len(tasks) == 1:  # choice 0 has its first token (or ended): start the rest
+                    tasks += [asyncio.create_task(pump(i)) for i in range(1, len(choices))]
+                if out.usage is None:
+                    yield out
+                    continue
+                num_left -= 1
+                num_completion += out.usage.completion_tokens
+                usage = Usage(req.num_prompt_tokens, num_completion,
+                              choices[0].handle.num_cached_tokens)
+                yield replace(out, usage=usage if num_left == 0 else None)
+        finally:
+            for task in tasks:
+                task.cancel()  # closes the choices still running: they abort on the workers
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run_choice(self, choice: _Choice, index: int) -> AsyncIterator[Output]:
+        """One choice's outputs; its last carries the choice's own usage."""
+        req, handle = choice.req, choice.handle
+        rid = req.request_id
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        stop = StopStringMatcher(req.stop)
+        # With logprobs, each token's offset in the text (stop strings only ever cut its end).
+        text_offsets = TextOffsets(self.tokenizer) if req.sampling.logprobs is not None else None
+        last_token_at: float | None = None
+        async with contextlib.aclosing(self.dispatcher.run(req, handle)) as events:
+            async for event in events:
+                now = time.monotonic()
+                if event.token_ids:
+                    self._observe_tokens(req, len(event.token_ids), now, last_token_at,
+                                         first_of_request=index == 0)
+                    last_token_at = now
+                choice.num_generated += len(event.token_ids)
+                offsets = None
+                if text_offsets is not None:
+                    offsets, pieces = [], []
+                    for token_id in event.token_ids:
+                        pieces.append(detokenizer.add([token_id]))
+                        offsets.append(text_offsets.add(token_id, pieces[-1]))
+                    text = "".join(pieces)
+                else:
+                    text = detokenizer.add(event.token_ids)
+                finish = event.finish_reason
+                if finish is not None:
+                    text += detokenizer.flush()
+                match = stop.feed(text)
+                text = match.text
+                if match.stopped:
+                    finish = FinishReason.STOP
+                    log.info("request_id=%s: stop string %r matched", rid, match.stop)
+                elif finish is not None:
+                    text += stop.flush()
+                logprobs = tuple(event.logprobs) if event.logprobs else None
+                offsets = tuple(offsets) if logprobs and offsets is not None else None
+                if finish is None:
+                    if text or event.token_ids:
+                        yield Output(text, tuple(event.token_ids), index=index,
+                                     logprobs=logprobs, text_offsets=offsets)
+                    continue
+                choice.finish_reason = finish.value
+                usage = Usage(req.num_prompt_tokens, choice.num_generated,
+                              handle.num_cached_tokens)
+                log.info("request_id=%s: finished (%s): %d prompt (%d cached) + %d generated "
+                         "tokens in %.3f s", rid, finish.value, usage.prompt_tokens,
+                         usage.cached_tokens, usage.completion_tokens,
+                         time.monotonic() - req.arrival_time)
+                yield Output(text, tuple(event.token_ids), finish.value, usage, index, logprobs,
+                             offsets)
+                return
+        raise RouterError(ErrorKind.INTERNAL, "the request ended without a finish reason")
 
     def abort(self, request_id: str) -> bool:
-        handles = [self._active[rid] for rid in self._groups.get(request_id, [request_id])
-                   if rid in self._active]
+        handles = self._requests.get(request_id)
         if not handles:
             return False
         log.info("request_id=%s: abort requested", request_id)
@@ -202,9 +259,12 @@ class GenerationService:
         return True
 
     def _observe_tokens(self, req: GenerationRequest, num_tokens: int, now: float,
-                        last_token_at: float | None) -> None:
+                        last_token_at: float | None, first_of_request: bool) -> None:
+        """Inter-token gaps of one choice's stream; the request's first token (choice 0's,
+        which always comes first) for time to first token."""
         if last_token_at is None:
-            self.metrics.time_to_first_token.observe(now - req.arrival_time)
+            if first_of_request:
+                self.metrics.time_to_first_token.observe(now - req.arrival_time)
             num_tokens -= 1
             last_token_at = now
         if num_tokens > 0:
@@ -212,13 +272,16 @@ class GenerationService:
             for _ in range(num_tokens):
                 self.metrics.inter_token_latency.observe(gap)
 
-    def _observe_finish(self, req: GenerationRequest, usage: Usage, outcome: str) -> None:
+    def _observe_finish(self, req: GenerationRequest, choices: list[_Choice]) -> None:
+        """Every choice finished: the request counts once (under choice 0's finish reason), its
+        prompt once, the tokens of every choice."""
         self.metrics.e2e_request_latency.observe(time.monotonic() - req.arrival_time)
-        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
-        self.metrics.generation_tokens.inc(usage.completion_tokens)
-        self.metrics.request_finished(outcome)
+        self.metrics.prompt_tokens.inc(req.num_prompt_tokens)
+        self.metrics.generation_tokens.inc(sum(c.num_generated for c in choices))
+        self.metrics.request_finished(choices[0].finish_reason or "abort")
 
     async def close(self) -> None:
-        for handle in list(self._active.values()):
-            handle.abort()
+        for handles in list(self._requests.values()):
+            for handle in handles:
+                handle.abort()
         await self.dispatcher.close()

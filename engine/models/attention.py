@@ -15,7 +15,7 @@ sequence lives in block block_table[p // block_size], row p % block_size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,10 +35,22 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0
     num_single: int  # the first num_single sequences have exactly one query token
     # Derived once per pass and shared by every layer.
-    single_mask: torch.Tensor | None  # [Bs, 1, 1, Ls] bool, True = attend
+    single_max_len: int  # Ls: the single-token group's longest context, rounded up to a block
     multi_mask: torch.Tensor | None  # [Bm, 1, Qm, Lm] bool
     multi_pad_index: torch.Tensor | None  # [Tm] int64, row of each multi token in [Bm * Qm]
     multi_max_query_len: int
+    _single_mask: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def single_mask(self) -> torch.Tensor | None:
+        """[Bs, 1, 1, Ls] bool, True = attend; None without single-token sequences. Built on
+        first use and kept for the other layers: only the torch path reads it (the CPU decode
+        kernel takes context_lens)."""
+        if self._single_mask is None and self.num_single:
+            keys = torch.arange(self.single_max_len, device=self.context_lens.device)
+            mask = keys[None, :] < self.context_lens[: self.num_single, None]  # [Bs, Ls]
+            self._single_mask = mask[:, None, None, :]
+        return self._single_mask
 
     @classmethod
     def build(
@@ -75,11 +87,9 @@ class AttentionMetadata:
         def to_device(x: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(x).to(device)
 
-        single_mask = None
+        single_max_len = 0
         if num_single:
-            max_len = _round_up(int(ctx_lens[:num_single].max()), block_size)
-            mask = np.arange(max_len)[None, :] < ctx_lens[:num_single, None]  # [Bs, Ls]
-            single_mask = to_device(mask)[:, None, None, :]
+            single_max_len = _round_up(int(ctx_lens[:num_single].max()), block_size)
 
         multi_mask = multi_pad_index = None
         max_q = 0
@@ -102,7 +112,7 @@ class AttentionMetadata:
             context_lens=to_device(ctx_lens),
             block_tables=to_device(tables),
             num_single=num_single,
-            single_mask=single_mask,
+            single_max_len=single_max_len,
             multi_mask=multi_mask,
             multi_pad_index=multi_pad_index,
             multi_max_query_len=max_q,

@@ -13,7 +13,6 @@ from torch import nn
 
 from engine.models import cpu_kernels
 
-
 # CPU kernels by tokens in the batch (measured on AVX2, SmolLM2-135M shapes): one token streams
 # the weight once, fastest with our gemv (engine/models/cpu_kernels.py); up to 64 tokens, oneDNN's
 # linear is faster than the default GEMM for projections wider than their input (qkv, gate+up,
@@ -65,10 +64,10 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm(x); or, given the residual stream, residual += x (in place) and
         (RMSNorm(residual), residual) — the add and the norm in one pass on the CPU kernel."""
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
-            if (kernels := cpu_kernels.load()) is not None:
-                out = kernels.add_rms_norm(x, residual, self.weight, self.eps)
-                return out if residual is None else (out, residual)
+        on_cpu_f32 = x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+        if on_cpu_f32 and (kernels := cpu_kernels.load()) is not None:
+            out = kernels.add_rms_norm(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, residual)
         if residual is None:
             return self._norm(x)
         residual += x

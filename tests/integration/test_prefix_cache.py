@@ -77,7 +77,24 @@ def test_greedy_is_identical_for_prompts_sharing_a_prefix_in_one_batch():
     system = tokens(rng, 35)
     prompts = {f"q{i}": system + tokens(rng, 5 + 9 * i) for i in range(4)}
     engine = new_engine(max_num_batched_tokens=64)
-    outputs = run(engine, prompts)
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, GREEDY)
+    outputs = {rid: [] for rid in prompts}
+    for out in engine.step():  # q0's 40 tokens and q1's first 24: both compute the system blocks
+        outputs[out.request_id] += out.new_token_ids
+    q0, q1 = engine.scheduler.running
+    assert (q0.request_id, q1.request_id) == ("q0", "q1")
+    assert q0.num_cached_blocks == 2 and q1.num_cached_blocks == 0
+    assert engine.prefix_cache.match(system) == q0.block_table[:2]
+    duplicates = q1.block_table[:1]  # q1 computed block 0 too (block 1 only partly): a copy
+    assert duplicates[0] not in q0.block_table and duplicates[0] not in engine.prefix_cache
+    for out in engine.step():  # q1 finishes its prompt; q2 and q3 are admitted on q0's blocks
+        outputs[out.request_id] += out.new_token_ids
+    assert q1.block_table[:2] != q0.block_table[:2] and q1.num_cached_blocks == 0
+    assert [s.block_table[:2] for s in engine.scheduler.running[2:]] == [q0.block_table[:2]] * 2
+    assert hits(engine) == 2 * 32
+    for rid, new in drain(engine).items():
+        outputs[rid] += new
     for rid, prompt in prompts.items():
         assert outputs[rid] == expected(prompt), rid
     follow_up = {"f": prompts["q2"] + outputs["q2"][:8] + tokens(rng, 3)}  # 66 tokens shared
@@ -139,7 +156,7 @@ def disaggregated(p: LLMEngine, d: LLMEngine, rid: str, prompt: list[int], write
 def test_disaggregated_sends_only_what_the_decode_engine_lacks():
     rng = random.Random(7)
     base = tokens(rng, 40)
-    p, d = new_engine(), new_engine()
+    p, d = new_engine(), new_engine(enable_kv_events=True)
     writes: list[tuple[str, int, int]] = []
     assert disaggregated(p, d, "r0", base, writes) == expected(base)
     assert writes == [("r0", 0, 16), ("r0", 16, 32), ("r0", 32, 40)]
@@ -164,6 +181,7 @@ def test_disaggregated_sends_only_what_the_decode_engine_lacks():
     assert writes == []
     for e in (p, d):
         assert e.num_free_blocks == e.num_total_blocks
+    assert p.take_kv_events() == []  # events are recorded only for a consumer that asked
 
 
 def test_write_kv_refuses_tokens_the_decode_engine_caches():

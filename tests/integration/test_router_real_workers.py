@@ -181,3 +181,36 @@ def test_engine_batch_with_penalties_matches_alone(reference) -> None:
         assert lp.logprob == pytest.approx(want.logprob, abs=1e-5)
     assert all(lp is None for _, lp in got["plain"])
     assert all(lp is not None and lp.top == () for _, lp in got["other"])
+
+
+# -- the prefix cache across choices and requests ------------------------------------------------
+
+
+def decode_hits(workers) -> float:
+    (decode,) = [w for w in workers if w.role == "decode"]
+    return decode.registry.get_sample_value("baton_prefix_cache_hits_total", {
+        "model": "tiny", "role": "decode", "worker": decode.worker_id})
+
+
+def test_n_choices_reuse_the_prompt_of_choice_0(cluster) -> None:
+    router, workers = cluster
+    prompt = [(7 * i + 3) % 300 + 10 for i in range(40)]  # 2 full blocks of 16, seen by no other
+    before = decode_hits(workers)
+    with baton.Client(router.grpc_address, timeout=60) as sdk:
+        result = sdk.generate(token_ids=prompt, n=3, max_tokens=4, temperature=0,
+                              ignore_eos=True)
+    assert [c.finish_reason for c in result.choices] == ["length"] * 3
+    # Choices 1 and 2 started after choice 0's first token, when its blocks were cached.
+    assert decode_hits(workers) - before >= 2 * (len(prompt) // 16) * 16
+    wait_until(lambda: all_blocks_free(workers))
+
+
+def test_the_same_prompt_twice_reports_cached_tokens(cluster) -> None:
+    router, workers = cluster
+    prompt = [(11 * i + 5) % 300 + 20 for i in range(37)]  # 2 full blocks, seen by no other
+    with baton.Client(router.grpc_address, timeout=60) as sdk:
+        first = sdk.generate(token_ids=prompt, max_tokens=3, temperature=0, ignore_eos=True)
+        second = sdk.generate(token_ids=prompt, max_tokens=3, temperature=0, ignore_eos=True)
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens == (len(prompt) // 16) * 16
+    assert second.token_ids == first.token_ids

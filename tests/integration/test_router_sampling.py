@@ -1,17 +1,26 @@
 """The router's sampling surface against fake workers: n choices (fan-out, seed + i, indices,
 usage), logprobs in OpenAI's chat and completions shapes (streamed and not, first token included
 in both prefill modes), vLLM's sampling extensions reaching the workers, and the same over the
-SDK. Fixtures (router, fake cluster, clients) are shared with test_router_fake_workers."""
+SDK; usage's cached tokens in both prefill modes, and completions text offsets under a
+SentencePiece tokenizer. Fixtures (router, fake cluster, clients) are shared with
+test_router_fake_workers."""
 
 from __future__ import annotations
 
 import threading
 
+import grpc
+import openai
 import pytest
 
 import baton
+from engine.tokenizer import Tokenizer
+from router.config import RouterConfig
+from router.registry import StaticWorkerDirectory
+from router.server import Router
 from tests.integration import test_router_fake_workers as shared
-from tests.support.fake_workers import FakeBehavior, fake_logprob
+from tests.support.fake_workers import FakeBehavior, FakeCluster, fake_logprob, reply_script
+from tests.support.tiny_tokenizer import sentencepiece_dir
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +60,7 @@ def test_chat_n_choices_fan_out_with_seed_plus_index(start_cluster, oai, tokeniz
     assert full.usage.prompt_tokens == num_prompt  # counted once
     assert full.usage.completion_tokens == 3 * per_choice
     requests = cluster.decode[0].requests
-    assert sorted(r.request_id for r in requests) == [f"{full.id}-{i}" for i in range(3)]
+    assert sorted(r.request_id for r in requests) == [f"{full.id}#{i}" for i in range(3)]
     assert sorted(r.sampling.seed for r in requests) == [7, 8, 9]
 
     chunks = list(oai.chat.completions.create(model=MODEL, messages=MESSAGES, n=2, seed=100,
@@ -88,7 +97,7 @@ def test_abort_of_an_n_request_reaches_every_choice(start_cluster, sdk) -> None:
     result = sdk.generate("Hi", max_tokens=50, request_id="many", n=3)
     timer.join()
     assert [c.finish_reason for c in result.choices] == ["abort"] * 3
-    wait_until(lambda: {"many-0", "many-1", "many-2"} <= set(cluster.decode[0].aborts))
+    wait_until(lambda: {"many#0", "many#1", "many#2"} <= set(cluster.decode[0].aborts))
 
 
 # -- logprobs -------------------------------------------------------------------------------------
@@ -211,3 +220,56 @@ def test_sdk_bad_sampling_names_the_parameter(start_cluster, sdk) -> None:
         with pytest.raises(baton.BadRequestError) as info:
             sdk.generate("Hi", **kwargs)
         assert param in info.value.message
+
+
+# -- usage: cached prompt tokens ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_prefill, expected", [(0, 16), (1, 32)],
+                         ids=["colocated", "disaggregated"])
+def test_cached_tokens_reach_the_usage(start_cluster, sdk, num_prefill, expected) -> None:
+    # D reports 32 cached tokens in Reserved (REMOTE) and 16 with a LOCAL prefill's first batch.
+    start_cluster(num_prefill=num_prefill,
+                  behavior=FakeBehavior(num_cached_tokens=32, num_cached_tokens_local=16))
+    assert sdk.generate("Hi", max_tokens=3).usage.cached_tokens == expected
+    chunks = list(sdk.stream("Hi", max_tokens=3, n=2))
+    assert chunks[-1].usage.cached_tokens == expected  # the prompt once: choice 0's hits
+
+
+def test_cached_tokens_after_falling_back_to_a_local_prefill(start_cluster, oai) -> None:
+    behavior = FakeBehavior(num_cached_tokens=32, num_cached_tokens_local=16,
+                            prefill_error=(grpc.StatusCode.UNAVAILABLE, "prefill worker is gone"))
+    start_cluster(num_prefill=1, behavior=behavior)
+    out = oai.completions.create(model=MODEL, prompt="Hi", max_tokens=3)
+    assert out.usage.prompt_tokens_details.cached_tokens == 16  # the local prefill's, not Reserved's
+
+
+# -- completions text_offset with a SentencePiece tokenizer ---------------------------------------
+
+
+def test_text_offsets_follow_the_detokenized_text(tmp_path) -> None:
+    """A lone "▁x" piece decodes without its space; the offsets count the text really added."""
+    sp_dir = sentencepiece_dir(tmp_path / "sp")
+    sp = Tokenizer.from_dir(sp_dir)
+    ids = sp.encode("Hello world! The capital of France is Paris.", add_special_tokens=False)
+    expected = [len(sp.decode(ids[:i])) for i in range(len(ids))]
+    lone = [len(sp.decode([t])) for t in ids]
+    assert expected != [sum(lone[:i]) for i in range(len(ids))]  # the case this test is about
+    cluster = FakeCluster.start(reply_script(ids), sp.eos_token_ids, num_prefill=0)
+    config = RouterConfig(model_name=MODEL, model_dir=str(sp_dir), http_port=0, grpc_port=0,
+                          graceful_shutdown_s=0.5)
+    try:
+        with Router(config, StaticWorkerDirectory(cluster.infos())) as sp_router:
+            client = openai.OpenAI(base_url=f"{sp_router.http_url}/v1", api_key="x",
+                                   max_retries=0)
+            kwargs = {"model": MODEL, "prompt": "Hi", "max_tokens": len(ids), "logprobs": 1}
+            full = client.completions.create(**kwargs).choices[0]
+            assert full.text == sp.decode(ids) and full.logprobs.text_offset == expected
+            offsets, text = [], ""
+            for chunk in client.completions.create(stream=True, **kwargs):
+                text += chunk.choices[0].text
+                offsets += chunk.choices[0].logprobs.text_offset if chunk.choices[0].logprobs else []
+            assert text == full.text and offsets == expected
+            client.close()
+    finally:
+        cluster.stop()

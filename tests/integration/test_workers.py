@@ -15,8 +15,8 @@ from baton.v1 import kvtransfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from baton.wire import GRPC_OPTIONS, sampling_to_proto
 from engine.config import ModelConfig
 from engine.request import SamplingParams
-from kvtransfer.sender import iter_chunks
 from kvtransfer.codec import KVGeometry
+from kvtransfer.sender import iter_chunks
 from tests.support.models import hf_generate_greedy, tiny_model
 from tests.support.workers import running_workers
 

@@ -74,9 +74,12 @@ class FakeBehavior:
     tokens_per_batch: int = 1
     finish_in_separate_batch: bool = False  # D: a last empty TokenBatch carries the reason
     num_cached_tokens: int = 0  # D: what Reserved reports
+    num_cached_tokens_local: int = 0  # D: what a LOCAL request's first TokenBatch reports
     generate_error: tuple[grpc.StatusCode, str] | None = None  # D: refuse Generate up front
     prefill_error: tuple[grpc.StatusCode, str] | None = None  # P: fail Prefill
     fail_after_tokens: int | None = None  # D: UNAVAILABLE after this many tokens
+    # D: generate_error and fail_after_tokens apply only to the requests this accepts (all if None)
+    fails: Callable[[worker_pb2.DecodeRequest], bool] | None = None
     kv_wait_s: float = 10.0  # D: lease on a REMOTE reservation
 
 
@@ -94,6 +97,8 @@ class _FakeServer:
         self.requests: list = []  # every request message received
         self.aborts: list[str] = []  # request ids of Abort RPCs
         self.cancelled: list[str] = []  # request ids whose stream the router left early
+        self.received_at: dict[str, float] = {}  # request id -> when its request arrived
+        self.first_token_at: dict[str, float] = {}  # request id -> when its first token left
         self._lock = threading.Lock()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
         self._add_services(self._server)
@@ -141,8 +146,10 @@ class FakeDecodeWorker(_FakeServer, worker_pb2_grpc.DecodeServicer,
     def Generate(self, request: worker_pb2.DecodeRequest, context: grpc.ServicerContext):
         self._record(self.requests, request)
         rid = request.request_id
+        self.received_at[rid] = time.monotonic()
         b = self.behavior
-        if b.generate_error is not None:
+        fails = b.fails is None or b.fails(request)
+        if b.generate_error is not None and fails:
             context.abort(*b.generate_error)
         sampling = sampling_from_proto(request.sampling)
         tokens, reason = self.output(request.prompt_token_ids, sampling)
@@ -184,16 +191,20 @@ class FakeDecodeWorker(_FakeServer, worker_pb2_grpc.DecodeServicer,
                 time.sleep(b.token_delay_s)
             if aborted.is_set():
                 context.abort(grpc.StatusCode.ABORTED, "aborted")
-            if b.fail_after_tokens is not None and sent >= b.fail_after_tokens:
+            if b.fail_after_tokens is not None and sent >= b.fail_after_tokens and fails:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "injected failure")
             last = i == len(batches) - 1
             if last:
                 done.set()
             logprobs = fake_logprobs(batch, sampling.logprobs, position + sent)
             sent += len(batch)
+            local = request.prefill_mode != worker_pb2.PREFILL_MODE_REMOTE
+            if local and i == 0:
+                self.first_token_at[rid] = time.monotonic()
             yield worker_pb2.DecodeResponse(tokens=worker_pb2.TokenBatch(
                 token_ids=batch, finish_reason=finish_to_proto(reason if last else None),
-                logprobs=logprobs))
+                logprobs=logprobs,
+                num_cached_tokens=b.num_cached_tokens_local if local and i == 0 else 0))
 
     def Abort(self, request: worker_pb2.WorkerAbortRequest, context: grpc.ServicerContext):
         self._record(self.aborts, request.request_id)
@@ -253,6 +264,7 @@ class FakePrefillWorker(_FakeServer, worker_pb2_grpc.PrefillServicer):
             num_kv_bytes=len(payload))
         for logprob in fake_logprobs(tokens[:1], sampling.logprobs):
             reply.first_token_logprob.CopyFrom(logprob)
+        self.first_token_at[request.request_id] = time.monotonic()
         return reply
 
     def Abort(self, request: worker_pb2.WorkerAbortRequest, context: grpc.ServicerContext):

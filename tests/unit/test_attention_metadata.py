@@ -39,3 +39,13 @@ def test_mixed_batch_layout():
 def test_single_token_sequences_must_come_first():
     with pytest.raises(ValueError, match="first"):
         AttentionMetadata.build([2, 1], [2, 1], [[0], [1]], 8, torch.device("cpu"))
+
+
+def test_the_single_token_mask_is_built_only_when_read_and_then_kept():
+    meta = AttentionMetadata.build([1, 1], [3, 9], [[0], [1, 2, 3]], 4, torch.device("cpu"))
+    assert meta._single_mask is None  # the CPU decode kernel never reads it
+    mask = meta.single_mask
+    assert mask.shape == (2, 1, 1, 12) and meta.single_mask is mask  # once for all layers
+    assert mask[:, 0, 0].sum(-1).tolist() == [3, 9]
+    prefill = AttentionMetadata.build([3], [3], [[0]], 4, torch.device("cpu"))
+    assert prefill.single_mask is None

@@ -2,13 +2,27 @@
 admission, invariants."""
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.block_pool import BlockPool
+from engine.radix_cache import RadixCache
 from engine.request import NoCapacityError
 
 pytestmark = pytest.mark.unit
+
+
+class RecordingCache(RadixCache):
+    """A prefix cache (one token per block) that records what the pool evicts from it."""
+
+    def __init__(self) -> None:
+        super().__init__(block_size=1)
+        self.evicted: list[int] = []
+
+    def evict(self, block_ids):
+        block_ids = list(block_ids)
+        super().evict(block_ids)
+        self.evicted += block_ids
 
 
 def test_allocates_from_the_head_in_order():
@@ -62,11 +76,14 @@ def test_ref_counts_keep_shared_blocks_used():
 
 
 def test_cached_free_blocks_are_evicted_least_recently_freed_first():
-    evicted = []
-    pool = BlockPool(6, on_evict=evicted.append)
+    cache = RecordingCache()
+    evicted = cache.evicted
+    pool = BlockPool(6, prefix_cache=cache)
     a = pool.allocate(3)  # [0, 1, 2]
     b = pool.allocate(2)  # [3, 4]
-    pool.mark_cached(a + b)
+    cache.insert([10, 11, 12], a)
+    cache.insert([20, 21], b)
+    assert pool.is_cached(4) and not pool.is_cached(5)
     pool.free(reversed(a))  # 2, 1, 0 join the tail after 5
     pool.free(reversed(b))  # then 4, 3
     assert pool.free_block_ids() == [5, 2, 1, 0, 4, 3]
@@ -77,10 +94,11 @@ def test_cached_free_blocks_are_evicted_least_recently_freed_first():
 
 
 def test_acquire_takes_cached_free_blocks_out_of_the_middle_of_the_free_list():
-    evicted = []
-    pool = BlockPool(5, on_evict=evicted.append)
+    cache = RecordingCache()
+    evicted = cache.evicted
+    pool = BlockPool(5, prefix_cache=cache)
     table = pool.allocate(4)  # [0, 1, 2, 3]
-    pool.mark_cached(table[:3])
+    cache.insert([1, 2, 3], table[:3])
     pool.free(reversed(table))
     assert pool.free_block_ids() == [4, 3, 2, 1, 0]
     assert pool.num_free_among([0, 1]) == 2
@@ -96,22 +114,22 @@ def test_acquire_takes_cached_free_blocks_out_of_the_middle_of_the_free_list():
     assert pool.free_block_ids() == [1, 0]
 
 
-def test_acquire_and_mark_cached_refuse_what_they_cannot_do():
-    pool = BlockPool(3)
-    with pytest.raises(ValueError, match="free and not cached"):
-        pool.acquire([1])
-    with pytest.raises(ValueError, match="only a used block can be cached"):
-        pool.mark_cached([1])
-    assert pool.free_block_ids() == [0, 1, 2] and pool.ref_cnt == [0, 0, 0]
+def test_acquire_refuses_a_free_block_that_is_not_cached():
+    for pool in (BlockPool(3), BlockPool(3, prefix_cache=RecordingCache())):
+        with pytest.raises(ValueError, match="free and not cached"):
+            pool.acquire([1])
+        assert pool.free_block_ids() == [0, 1, 2] and pool.ref_cnt == [0, 0, 0]
 
 
-def test_uncache_all_keeps_the_order_and_stops_evictions():
-    evicted = []
-    pool = BlockPool(2, on_evict=evicted.append)
-    pool.mark_cached(pool.allocate(2))
+def test_the_cache_is_the_only_record_of_cached_blocks():
+    cache = RecordingCache()
+    pool = BlockPool(2, prefix_cache=cache)
+    cache.insert([5, 6], pool.allocate(2))
     pool.free([1, 0])
-    pool.uncache_all()
-    assert pool.allocate(2) == [1, 0] and evicted == []
+    assert pool.is_cached(0) and pool.is_cached(1)
+    cache.clear()  # forgetting every block needs no word to the pool
+    assert not pool.is_cached(0) and not pool.is_cached(1)
+    assert pool.allocate(2) == [1, 0] and cache.evicted == []
 
 
 def test_double_free_and_bad_sizes_are_refused():
@@ -122,27 +140,44 @@ def test_double_free_and_bad_sizes_are_refused():
         BlockPool(0)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "share", "cache"]),
+@settings(max_examples=100, deadline=None)
+@example([("alloc", 3), ("alloc", 2), ("cache", 0), ("free", 0), ("hit", 0)])  # 2, 1 mid-list
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "share", "cache", "hit"]),
                           st.integers(0, 5)), max_size=40))
 def test_free_plus_used_is_total_and_ref_counts_match_tables(ops):
-    pool = BlockPool(10, on_evict=lambda block_id: None)
-    tables: list[list[int]] = []
+    cache = RecordingCache()
+    pool = BlockPool(10, prefix_cache=cache)
+    tables: list[tuple[list[int], list[int]]] = []  # (block table, its tokens: one per block)
+    cached_tokens: list[list[int]] = []  # token lists registered in the cache
+    num_tables = 0
     for op, n in ops:
         if op == "alloc":
             if pool.can_allocate(n):
-                tables.append(pool.allocate(n))
+                num_tables += 1  # unique tokens per table: no two tables cache the same content
+                tables.append((pool.allocate(n), [100 * num_tables + i for i in range(n)]))
         elif op == "free" and tables:
-            pool.free(reversed(tables.pop(n % len(tables))))
+            pool.free(reversed(tables.pop(n % len(tables))[0]))
         elif op == "share" and tables:
-            shared = tables[n % len(tables)][: n]
-            pool.acquire(shared)
-            tables.append(list(shared))
+            table, tokens = tables[n % len(tables)]
+            pool.acquire(table[:n])
+            tables.append((table[:n], tokens[:n]))
         elif op == "cache" and tables:
-            pool.mark_cached(tables[n % len(tables)])
-        used = [b for t in tables for b in t]
+            table, tokens = tables[n % len(tables)]
+            assert cache.insert(tokens, table).depth == len(table)
+            cached_tokens.append(tokens)
+        elif op == "hit" and cached_tokens:  # a prefix-cache hit, as the scheduler takes one
+            tokens = cached_tokens[n % len(cached_tokens)]
+            hit_ids = cache.match(tokens)
+            free_before = pool.free_block_ids()
+            num_free = pool.num_free_among(hit_ids)
+            pool.acquire(hit_ids)
+            assert pool.free_block_ids() == [b for b in free_before if b not in hit_ids]
+            assert pool.num_free_blocks == len(free_before) - num_free
+            tables.append((hit_ids, tokens[: len(hit_ids)]))
+        used = [b for t, _ in tables for b in t]
         free = pool.free_block_ids()
         assert len(free) == len(set(free)) == pool.num_free_blocks
         assert pool.num_free_blocks + len(set(used)) == pool.num_total_blocks
         assert all(pool.ref_cnt[b] == used.count(b) for b in range(10))
         assert set(free) == {b for b in range(10) if pool.ref_cnt[b] == 0}
+        assert all(pool.is_cached(b) == (b in cache.parents()) for b in range(10))

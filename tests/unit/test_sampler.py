@@ -187,3 +187,37 @@ def test_bad_sampling_values_name_the_parameter_and_range(kw, param):
     with pytest.raises(InvalidRequestError) as info:
         SamplingParams(**kw)
     assert info.value.param == param and param in str(info.value)
+
+
+def test_penalty_state_kept_across_steps_gives_exactly_the_recomputed_logits():
+    gen = torch.Generator().manual_seed(7)
+    vocab = 50
+    kw = {"temperature": 0, "presence_penalty": 0.7, "frequency_penalty": -0.3,
+          "repetition_penalty": 1.3}
+    token_ids = torch.randint(0, vocab, (12,), generator=gen).tolist()  # prompt
+    state: dict = {}
+    for step in range(20):
+        logits = torch.randn(1, vocab, generator=gen) * 3
+        kept = row(token_ids=token_ids, num_prompt_tokens=12, **kw)
+        kept = SamplingRow(kept.params, 1, step, token_ids, 12, state)
+        fresh = row(token_ids=list(token_ids), num_prompt_tokens=12, **kw)
+        assert torch.equal(apply_penalties(logits, [kept]), apply_penalties(logits, [fresh]))
+        assert sample(logits, [kept]) == sample(logits, [fresh])
+        # the sampled token, or one from the prompt or earlier output: counts must add up
+        token_ids.append(sample(logits, [fresh])[0] if step % 3 else token_ids[step % 12])
+    counted = state["penalties"]
+    assert counted.num_tokens == len(token_ids) - 1  # the last token is counted next step
+    outputs = token_ids[12:-1]
+    got = dict(zip(counted.output_ids.tolist(), counted.output_counts.tolist()))
+    assert got == {t: float(outputs.count(t)) for t in set(outputs)}
+    assert sorted(counted.seen_ids.tolist()) == sorted(set(token_ids[:-1]))
+
+
+def test_penalty_state_recounts_tokens_it_did_not_count():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    state: dict = {}
+    params = SamplingParams(temperature=0, frequency_penalty=1.0)
+    apply_penalties(logits, [SamplingRow(params, 1, 0, [0, 2, 2], 1, state)])
+    # Other tokens behind the same state (not a growing token_ids): counted afresh.
+    got = apply_penalties(logits, [SamplingRow(params, 1, 0, [1, 1], 1, state)])
+    torch.testing.assert_close(got, torch.tensor([[1.0, 1.0, 3.0]]))

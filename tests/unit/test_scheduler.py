@@ -21,12 +21,11 @@ EOS = 99
 
 
 def make(num_blocks=16, block_size=4, max_num_seqs=8, budget=32, max_model_len=64, cache=False):
-    prefix_cache = RadixCache(block_size) if cache else None
-    pool = BlockPool(num_blocks, on_evict=prefix_cache.evict if cache else None)
+    prefix_cache = RadixCache(block_size, enable_events=True) if cache else None
     return Scheduler(
-        pool, block_size=block_size, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=budget, max_model_len=max_model_len,
-        eos_token_ids=frozenset([EOS]), prefix_cache=prefix_cache,
+        BlockPool(num_blocks, prefix_cache=prefix_cache), block_size=block_size,
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
+        eos_token_ids=frozenset([EOS]),
     )
 
 
@@ -60,7 +59,7 @@ def test_prefill_is_chunked_by_the_token_budget():
     assert step(sched)[0] == [("a", 8, False)]
     got, outputs = step(sched)
     assert got == [("a", 3, True)]
-    assert outputs == [RequestOutput("a", [7], None)]
+    assert outputs == [RequestOutput("a", [7], None, num_cached_tokens=0)]  # the first token
     assert a.block_table == [0, 1, 2, 3, 4]
     assert step(sched)[0] == [("a", 1, True)]  # decode: the last sampled token
     assert a.output_token_ids == [7, 7]
@@ -150,7 +149,7 @@ def test_finish_reasons(sampling, tokens, reason, n):
 def test_context_limit_finishes_with_length():
     sched = make(max_model_len=5)
     sched.add(seq("a", 3))
-    assert step(sched)[1] == [RequestOutput("a", [7], None)]
+    assert step(sched)[1] == [RequestOutput("a", [7], None, num_cached_tokens=0)]
     assert step(sched)[1] == [RequestOutput("a", [7], FinishReason.LENGTH)]  # 5 tokens
 
 
@@ -158,7 +157,7 @@ def test_prefill_only_is_held_until_release():
     sched = make()
     sched.add(seq("p", 5, prefill_only=True))
     _, outputs = step(sched)
-    assert outputs == [RequestOutput("p", [7], None)]
+    assert outputs == [RequestOutput("p", [7], None, num_cached_tokens=0)]
     held = sched.held["p"]
     assert held.status == RequestStatus.FINISHED and held.block_table == [0, 1]
     assert not sched.running and step(sched)[0] == []
@@ -341,3 +340,51 @@ def test_reserve_counts_cached_free_hits_before_allocating():
         sched.reserve(seq("d", 12))  # hits 0, 1 and needs one more block
     assert sched.block_pool.free_block_ids() == [1, 0] and "d" not in sched.requests
     assert sched.reserve(seq("d", 8)) == 8
+
+
+def test_a_blocked_head_resumes_its_lookup_and_never_takes_an_evicted_block():
+    sched = make(num_blocks=4, block_size=4, budget=64, cache=True)
+    sched.add(seq("a", 8, max_tokens=1))
+    step(sched)  # a's blocks 1, 0 are cached-free at the tail: [2, 3, 1, 0]
+    c = seq("c", 5, start=50)
+    sched.add(c)
+    step(sched)  # c holds [2, 3]: room for 8 tokens
+    b = seq("b", 13)  # would hit 0, 1 and need 2 more blocks: 4 taken, 2 free
+    sched.add(b)
+    assert step(sched)[0] == [("c", 1, True)]
+    kept = b.prefix_match
+    assert kept.block_ids == [0, 1] and list(sched.waiting) == [b]
+    for _ in range(2):  # c computes its 7th and 8th tokens: nothing is evicted
+        assert step(sched)[0] == [("c", 1, True)]
+        assert b.prefix_match.block_ids is kept.block_ids  # resumed from its node, not walked
+    # c's 9th token takes block 1 from the free list's head, evicting it before b looks again.
+    assert step(sched)[0] == [("c", 1, True)] and c.block_table == [2, 3, 1]
+    assert b.prefix_match.block_ids == [0] and 1 not in sched.prefix_cache
+    sched.abort("c")
+    assert step(sched)[0] == [("b", 9, True)]  # only block 0 was still cached
+    assert b.block_table[0] == 0 and b.prefix_match is None
+    assert sched.stats.prefix_cache_hits == 4
+    assert sched.block_pool.ref_cnt == [1, 1, 1, 1]
+
+
+def test_the_prefix_cache_comes_with_the_pool_and_must_share_its_block_size():
+    with pytest.raises(ValueError, match="block_size 2 != block_size 4"):
+        Scheduler(BlockPool(4, prefix_cache=RadixCache(2)), block_size=4, max_num_seqs=1,
+                  max_num_batched_tokens=8, max_model_len=8, eos_token_ids=frozenset())
+    sched = make(cache=True)
+    assert sched.prefix_cache is sched.block_pool.prefix_cache is not None
+    assert make().prefix_cache is None
+
+
+def test_the_first_output_reports_the_prompt_tokens_found_cached():
+    sched = make(cache=True)
+    sched.add(seq("a", 9, max_tokens=2))
+    outputs = []
+    while sched.waiting or sched.running:
+        outputs += step(sched)[1]
+    assert [o.num_cached_tokens for o in outputs] == [0, None]
+    sched.add(seq("b", 9, max_tokens=2))  # the same prompt: its first two blocks are cached
+    outputs = []
+    while sched.waiting or sched.running:
+        outputs += step(sched)[1]
+    assert [o.num_cached_tokens for o in outputs] == [8, None]
