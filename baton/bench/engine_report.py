@@ -21,7 +21,7 @@ RATIOS = {  # key -> what the markdown calls it
     "batch64_over_gemm_roofline": "decode at 64 concurrent ÷ GEMM roofline",
     "prefill512_over_gemm_roofline": "prefill of 512 tokens, FLOP/s ÷ GEMM FLOP/s",
     "prefix_prefill_role_cached_over_cold": "prefill role: cached ÷ cold time to first token",
-    "prefix_decode_role_cached_over_cold": "decode role: cached ÷ cold time to first decode token",
+    "prefix_decode_role_cached_over_cold": "decode role: cached ÷ cold time from reserve to commit",
     "outputs_identical_to_hf": "outputs token-identical to HF generate (batch 1)",
 }
 
@@ -175,9 +175,11 @@ METHOD = """\
   token. FLOPs: 2 per weight per token for the decoder layers' matmuls, 4 x head_dim per causal
   query-key pair per head and layer for attention, and the logits of the last token.
 - **Prefix cache**: the prefill role runs add_request(prefill_only=True) to the first token (the
-  colocated path is the same computation); the decode role runs reserve, write_kv of exactly the
-  tokens reserve() did not report cached (K/V read from the prefill-role engine with read_kv
-  beforehand, as a decode worker receives them), commit(first token) and the first decode step.
+  colocated path is the same computation); the decode role times its part of the first token's
+  path, reserve to commit: the K/V of exactly the tokens reserve() did not report cached (read
+  from the prefill-role engine beforehand) goes through the KVTransfer wire format (encoded as the
+  prefill worker sends it, decoded and validated as the receiver does) into write_kv, then
+  commit(first token). The first decode step, the same either way, is not timed.
 - Each timing is the best of the repeats, interleaved between the sides compared."""
 
 

@@ -6,9 +6,13 @@ that prefix and a new suffix ("cached") runs against one with a never-seen prefi
 
 Prefill role (also the colocated path): add_request(prefill_only=True) -> step()* -> first token.
     The cached tokens are the growth of EngineStats.prefix_cache_hits during the request.
-Decode role: reserve() -> write_kv() for exactly the tokens reserve() did not report cached, all
-    layers, K/V read beforehand from the prefill-role engine with read_kv() as a decode worker
-    receives them -> commit(first token) -> step()* -> the first decode token.
+Decode role: the decode worker's part of the first token's path, from reserve() to commit(): the
+    K/V of exactly the tokens reserve() did not report cached (read beforehand from the
+    prefill-role engine) crosses the wire format as the workers exchange it (KVTransfer chunks
+    encoded as the prefill worker sends them, decoded and validated as the receiver does) into
+    write_kv(); then commit(first token). The first decode step, the same with or without a cached
+    prefix (and not on the way of the first token, which the prefill worker returns), is not
+    timed.
 
 A role whose engine reports no cached token for the cached prompt is "not available", with the
 reason; its cold time is still reported.
@@ -32,6 +36,8 @@ from baton.bench.engine import (
 )
 from baton.bench.engine_config import EngineBenchConfig
 from engine.engine import LLMEngine
+from kvtransfer.codec import KVGeometry, decode_chunk
+from kvtransfer.sender import iter_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -56,22 +62,28 @@ def prefill_role(engine: LLMEngine, prompt: list[int]) -> PrefillRun:
 
 
 def decode_role(engine: LLMEngine, prompt: list[int], source: PrefillRun) -> tuple[float, int]:
-    """(seconds from reserve() to the first decode token, cached tokens reserve() reported)."""
+    """(seconds from reserve() to commit(), cached tokens reserve() reported)."""
     request_id = new_request_id("decode-role")
-    num_tokens = len(prompt)
+    mc, num_tokens = engine.model_config, len(prompt)
+    geometry = KVGeometry(mc.num_layers, mc.num_kv_heads, mc.head_dim, engine.kv_dtype)
+
+    def read_kv(layer_start: int, layer_end: int, token_start: int, token_end: int):
+        return (source.k[layer_start:layer_end, token_start:token_end],
+                source.v[layer_start:layer_end, token_start:token_end])
+
     start = time.perf_counter()
     num_cached = engine.reserve(request_id, prompt, greedy_params(2))
-    if num_cached < num_tokens:
-        engine.write_kv(request_id, 0, engine.model_config.num_layers, num_cached, num_tokens,
-                        source.k[:, num_cached:], source.v[:, num_cached:])
+    for chunk in iter_chunks(transfer_id=request_id, attempt=0, geometry=geometry,
+                             token_start=num_cached, token_end=num_tokens, read_kv=read_kv,
+                             first_token_id=source.first_token_id):
+        if chunk.token_end > chunk.token_start:  # not the empty chunk of a fully cached prompt
+            k, v = decode_chunk(chunk, geometry, num_cached, num_tokens)
+            engine.write_kv(request_id, chunk.layer_start, chunk.layer_end, chunk.token_start,
+                            chunk.token_end, k, v)
     engine.commit(request_id, source.first_token_id)
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.request_id == request_id and out.new_token_ids:
-                seconds = time.perf_counter() - start
-                engine.abort(request_id)  # no-op once it finished at max_tokens=2
-                return seconds, num_cached
-    raise RuntimeError(f"request {request_id}: no decode token after commit")
+    seconds = time.perf_counter() - start
+    engine.abort(request_id)
+    return seconds, num_cached
 
 
 def _summary(cached_s: float, cold_s: float, num_cached: int, reason: str | None) -> dict:

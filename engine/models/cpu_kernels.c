@@ -109,9 +109,9 @@ void baton_gemv_f32(const float* w, const float* x, const float* bias, float* y,
 
 /* q, out: [num_seqs, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
  * head_dim]; block_tables: [num_seqs, max_blocks]; context_lens: [num_seqs] (>= 1).
- * One job per (sequence, KV head): each K and V row is read from memory once for the query heads
- * sharing that KV head; scores are computed for the whole context, then softmax, then the
- * weighted sum of V. */
+ * One job per sequence (its rows of all KV heads are neighbours in memory); for each KV head, each K
+ * and V row is read once for the query heads sharing it: scores for the whole context, softmax,
+ * then the weighted sum of V accumulated in registers. */
 int baton_decode_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                                const int64_t* block_tables, const int64_t* context_lens,
                                float* out, int64_t num_seqs, int64_t num_heads,
@@ -121,8 +121,8 @@ int baton_decode_attention_f32(const float* q, const float* k_cache, const float
     const int64_t token_stride = num_kv_heads * head_dim;  /* floats between two positions */
     int failed = 0;
     #pragma omp parallel for schedule(dynamic) num_threads(num_threads)
-    for (int64_t job = 0; job < num_seqs * num_kv_heads; job++) {
-        const int64_t s = job / num_kv_heads, kv_head = job % num_kv_heads;
+    for (int64_t s = 0; s < num_seqs; s++)
+    for (int64_t kv_head = 0; kv_head < num_kv_heads; kv_head++) {
         const int64_t num_keys = context_lens[s];
         const int64_t* table = block_tables + s * max_blocks;
         const float* qs = q + (s * num_heads + kv_head * group) * head_dim;  /* [group, D] */
@@ -160,17 +160,34 @@ int baton_decode_attention_f32(const float* q, const float* k_cache, const float
                 scores[g * num_keys + pos] = dot(k, qs + g * head_dim, head_dim) * scale;
         }
 #undef KEY_ROW
-        for (int64_t g = 0; g < group; g++) {
-            softmax(scores + g * num_keys, num_keys);
-            for (int64_t d = 0; d < head_dim; d++) os[g * head_dim + d] = 0.0f;
-        }
-        for (int64_t pos = 0; pos < num_keys; pos++) {
-            const float* v = v_cache + (table[pos / block_size] * block_size + pos % block_size)
-                             * token_stride + kv_head * head_dim;
+        for (int64_t g = 0; g < group; g++) softmax(scores + g * num_keys, num_keys);
+        if (head_dim % 8 == 0 && head_dim <= 128) {
+            /* out_g = sum over keys of p_g[pos] * V[pos], accumulated in registers. */
             for (int64_t g = 0; g < group; g++) {
-                const float p = scores[g * num_keys + pos];
-                float* o = os + g * head_dim;
-                for (int64_t d = 0; d < head_dim; d++) o[d] += p * v[d];
+                const float* p = scores + g * num_keys;
+                __m256 acc[16];
+                const int64_t n_vec = head_dim / 8;
+                for (int64_t j = 0; j < n_vec; j++) acc[j] = _mm256_setzero_ps();
+                for (int64_t pos = 0; pos < num_keys; pos++) {
+                    const float* v = v_cache + (table[pos / block_size] * block_size
+                                                + pos % block_size) * token_stride
+                                     + kv_head * head_dim;
+                    const __m256 pv = _mm256_set1_ps(p[pos]);
+                    for (int64_t j = 0; j < n_vec; j++)
+                        acc[j] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * j), acc[j]);
+                }
+                for (int64_t j = 0; j < n_vec; j++) _mm256_storeu_ps(os + g * head_dim + 8 * j, acc[j]);
+            }
+        } else {
+            for (int64_t d = 0; d < group * head_dim; d++) os[d] = 0.0f;
+            for (int64_t pos = 0; pos < num_keys; pos++) {
+                const float* v = v_cache + (table[pos / block_size] * block_size + pos % block_size)
+                                 * token_stride + kv_head * head_dim;
+                for (int64_t g = 0; g < group; g++) {
+                    const float p = scores[g * num_keys + pos];
+                    float* o = os + g * head_dim;
+                    for (int64_t d = 0; d < head_dim; d++) o[d] += p * v[d];
+                }
             }
         }
         free(scores);
