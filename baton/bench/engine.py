@@ -2,8 +2,10 @@
 
 One run, one machine, float32 on CPU, greedy. In order (EngineBenchConfig.parts picks the parts):
 
-machine  GEMM FLOP/s and read GB/s (roofline.py), best of the start and the end of the run:
-         the memory floor and the GEMM roofline
+machine  GEMM FLOP/s and read GB/s (roofline.py), measured before every part and at the end,
+         the best of all: the memory floor and the GEMM roofline (the best the machine showed
+         during the run, so others' work on a shared machine cannot lower it and flatter the
+         ratios)
 decode   one stream: Baton (add_request, step) and HF generate at batch 1 on the same chat
          prompt; decode tokens/s = (N - 1) / (time for N tokens - time for 1 token), so prefill
          is excluded; the outputs must be token-identical
@@ -297,7 +299,7 @@ def run(config: EngineBenchConfig) -> dict:
                        "so absolute rates will be low and the ratios noisier", load_before)
     model_dir = resolve_model(config.model, config.cache_dir)
     mc = ModelConfig.from_dir(model_dir)
-    gemm, read = measure_machine(config)
+    machine_samples = [measure_machine(config)]
     num_parameters = roofline.count_parameters(mc)
     weight_bytes = num_parameters * torch.finfo(torch.float32).bits // 8
     result: dict = {
@@ -309,7 +311,7 @@ def run(config: EngineBenchConfig) -> dict:
         "num_repeats": config.num_repeats,
         "num_parameters": num_parameters,
         "weight_bytes": weight_bytes,
-        "machine": {},  # measured at the start and the end, filled in below
+        "machine": {},  # measured before every part and at the end, filled in below
         "memory_floor_tokens_per_s": None,
         "gemm_roofline_tokens_per_s": None,
         "command": config.command,
@@ -321,30 +323,35 @@ def run(config: EngineBenchConfig) -> dict:
         hf = HFGenerate(model_dir)
         if "decode" in config.parts:
             result["decode"] = measure_decode(engine, hf, prompt, config)
+            machine_samples.append(measure_machine(config))
         if "batch" in config.parts:
             # batch 1 of HF is the decode part's, when that runs
             sizes = tuple(b for b in config.hf_batch_sizes
                           if b != 1 or "decode" not in config.parts)
             result["batch"] = measure_batch(engine, hf, prompt, config, sizes)
+            machine_samples.append(measure_machine(config))
         del hf
     if "prefill" in config.parts:
         result["prefill"] = measure_prefill(engine, mc, config)
+        machine_samples.append(measure_machine(config))
     if "prefix" in config.parts:
         result["prefix"] = measure_prefix(engine, lambda: make_engine(model_dir, config), config)
     del engine
-    # The machine again: others' work comes and goes, and the roofline is the best it showed.
-    gemm_end, read_end = measure_machine(config)
-    gemm, read = max(gemm, gemm_end), max(read, read_end)
+    machine_samples.append(measure_machine(config))
+    # Others' work comes and goes: the roofline is the best the machine showed during the run.
+    gemm = max(sample[0] for sample in machine_samples)
+    read = max(sample[1] for sample in machine_samples)
     result["machine"] = {
         **roofline.machine_info(), "load_average_1m": [load_before, roofline.load_average_1m()],
         "gemm_size": config.gemm_size, "gemm_flops_per_s": gemm,
         "read_bytes": config.read_bytes, "read_bytes_per_s": read,
+        "samples": [{"gemm_flops_per_s": g, "read_bytes_per_s": r} for g, r in machine_samples],
     }
     result["memory_floor_tokens_per_s"] = read / weight_bytes
     result["gemm_roofline_tokens_per_s"] = gemm / (2 * num_parameters)
     for row in result.get("prefill", []):
         row["ratio_to_gemm"] = row["flops_per_s"] / gemm
-    logger.info("roofline: %.1f GFLOP/s GEMM, %.1f GB/s read (best of start and end): memory "
+    logger.info("roofline: %.1f GFLOP/s GEMM, %.1f GB/s read (best during the run): memory "
                 "floor %.1f tokens/s, GEMM roofline %.1f tokens/s", gemm / 1e9, read / 1e9,
                 result["memory_floor_tokens_per_s"], result["gemm_roofline_tokens_per_s"])
     result["ratios"] = engine_report.ratios(result)

@@ -32,8 +32,8 @@ run, on CPU in float32 with all threads. Parts (all by default; pick some with -
   prefix   time to the first token with the first 1024 prompt tokens in the prefix cache vs cold,
            for the prefill role (add_request) and the decode role (reserve, write_kv, commit)
 
-The machine is always measured, at the start and at the end: fp32 GEMM FLOP/s and memory read
-GB/s. They give the memory floor (read GB/s / weight bytes, one stream) and the GEMM roofline
+The machine is always measured, before every part and at the end (the best of all counts): fp32
+GEMM FLOP/s and memory read GB/s. They give the memory floor (read GB/s / weight bytes, one stream) and the GEMM roofline
 (GEMM FLOP/s / 2 x parameters), both in tokens/s, that the results are divided by.
 
 A full run writes engine.json, engine.md and engine.png to the output directory; --quick or --only

@@ -99,8 +99,9 @@ def render_markdown(r: dict) -> str:
         "work shares the machine)."),
         (f"- fp32 GEMM ({m['gemm_size']}² matmul): {m['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s. "
          f"Memory read (x.sum() over {m['read_bytes'] >> 20} MiB of float32): "
-         f"{m['read_bytes_per_s'] / 1e9:.1f} GB/s. Each the best of a few runs at the start and "
-         "at the end of the benchmark."),
+         f"{m['read_bytes_per_s'] / 1e9:.1f} GB/s. Each the best the machine showed in the run "
+         f"(measured {len(m.get('samples', ())) or 2} times: before every part and at the end), "
+         "so a busy moment cannot lower the roofline and flatter the ratios."),
         (f"- Memory floor, one stream reading all weights per token: "
         f"**{r['memory_floor_tokens_per_s']:.1f} tokens/s**. GEMM roofline, 2 FLOPs per parameter "
         f"per token: **{r['gemm_roofline_tokens_per_s']:.1f} tokens/s**."),
