@@ -200,8 +200,11 @@ class LLMEngine:
         return bool(s.waiting or s.running or s.has_pending())
 
     def abort(self, request_id: str) -> bool:
+        """Free request_id's blocks in any state. A finished prefill-only request (its KV read out)
+        is simply released, which is not logged as an abort."""
+        finished = request_id in self.scheduler.held
         aborted = self.scheduler.abort(request_id)
-        if aborted:
+        if aborted and not finished:
             logger.info("request %s: aborted", request_id)
         return aborted
 
