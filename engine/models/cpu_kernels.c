@@ -14,6 +14,10 @@
  * (GQA/MQA): query head h reads KV head h / (num_heads / num_kv_heads). Returns 0, or -1 when
  * out of memory.
  *
+ * baton_gemm_small_f32: the linear layer for a few tokens (2 to 64), Y = X W^T (+ b): tiles of 3
+ * rows of X by 4 rows of W in twelve accumulators, each W row block read once per call while X
+ * stays in cache; ~1.1-1.6x oneDNN's linear at these sizes on the machine above.
+ *
  * baton_add_rms_norm_f32: the residual add and RMSNorm of a decoder layer in one pass per row
  * (torch's CPU rms_norm is a chain of six operators).
  *
@@ -230,5 +234,42 @@ void baton_store_kv_f32(const float* k, const float* v, float* k_cache, float* v
     for (int64_t t = 0; t < num_tokens; t++) {
         memcpy(k_cache + slots[t] * row, k + t * row, sizeof(float) * row);
         memcpy(v_cache + slots[t] * row, v + t * row, sizeof(float) * row);
+    }
+}
+
+/* X: [M, K], W: [N, K], bias: [N] or NULL, Y: [M, N]; K % 8 == 0. */
+void baton_gemm_small_f32(const float* X, const float* W, const float* bias, float* Y,
+                          int64_t M, int64_t N, int64_t K, int num_threads) {
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        const int64_t num_n = N - n0 < 4 ? N - n0 : 4;
+        const float* w[4];
+        for (int64_t j = 0; j < 4; j++) w[j] = W + (n0 + (j < num_n ? j : 0)) * K;
+        int64_t m = 0;
+        for (; m + 3 <= M; m += 3) {
+            const float *x0 = X + m * K, *x1 = x0 + K, *x2 = x1 + K;
+            __m256 a[3][4];
+            for (int r = 0; r < 3; r++)
+                for (int j = 0; j < 4; j++) a[r][j] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k += 8) {
+                const __m256 b0 = _mm256_loadu_ps(w[0] + k), b1 = _mm256_loadu_ps(w[1] + k);
+                const __m256 b2 = _mm256_loadu_ps(w[2] + k), b3 = _mm256_loadu_ps(w[3] + k);
+                __m256 x = _mm256_loadu_ps(x0 + k);
+                a[0][0] = _mm256_fmadd_ps(x, b0, a[0][0]); a[0][1] = _mm256_fmadd_ps(x, b1, a[0][1]);
+                a[0][2] = _mm256_fmadd_ps(x, b2, a[0][2]); a[0][3] = _mm256_fmadd_ps(x, b3, a[0][3]);
+                x = _mm256_loadu_ps(x1 + k);
+                a[1][0] = _mm256_fmadd_ps(x, b0, a[1][0]); a[1][1] = _mm256_fmadd_ps(x, b1, a[1][1]);
+                a[1][2] = _mm256_fmadd_ps(x, b2, a[1][2]); a[1][3] = _mm256_fmadd_ps(x, b3, a[1][3]);
+                x = _mm256_loadu_ps(x2 + k);
+                a[2][0] = _mm256_fmadd_ps(x, b0, a[2][0]); a[2][1] = _mm256_fmadd_ps(x, b1, a[2][1]);
+                a[2][2] = _mm256_fmadd_ps(x, b2, a[2][2]); a[2][3] = _mm256_fmadd_ps(x, b3, a[2][3]);
+            }
+            for (int r = 0; r < 3; r++)
+                for (int64_t j = 0; j < num_n; j++)
+                    Y[(m + r) * N + n0 + j] = hsum(a[r][j]) + (bias ? bias[n0 + j] : 0.0f);
+        }
+        for (; m < M; m++)
+            for (int64_t j = 0; j < num_n; j++)
+                Y[m * N + n0 + j] = dot(w[j], X + m * K, K) + (bias ? bias[n0 + j] : 0.0f);
     }
 }

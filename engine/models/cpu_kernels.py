@@ -74,6 +74,9 @@ class CpuKernels:
         self._attention = lib.baton_decode_attention_f32
         self._attention.argtypes = [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, ctypes.c_int]
         self._attention.restype = ctypes.c_int
+        self._gemm_small = lib.baton_gemm_small_f32
+        self._gemm_small.argtypes = [_ptr] * 4 + [_i64, _i64, _i64, ctypes.c_int]
+        self._gemm_small.restype = None
         self._add_rms_norm = lib.baton_add_rms_norm_f32
         self._add_rms_norm.argtypes = [_ptr] * 4 + [_i64, _i64, ctypes.c_float, ctypes.c_int]
         self._add_rms_norm.restype = None
@@ -88,6 +91,19 @@ class CpuKernels:
         self._gemv(
             weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
             y.data_ptr(), weight.shape[0], weight.shape[1], torch.get_num_threads(),
+        )
+        return y
+
+    def gemm_small(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [M, K] (a few tokens), weight [N, K] contiguous, K % 8 == 0, bias [N] or None
+        (float32, CPU) -> [M, N]."""
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+        self._gemm_small(
+            x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+            y.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads(),
         )
         return y
 

@@ -14,11 +14,11 @@ from torch import nn
 from engine.models import cpu_kernels
 
 # CPU kernels by tokens in the batch (measured on AVX2, SmolLM2-135M shapes): one token streams
-# the weight once, fastest with our gemv (engine/models/cpu_kernels.py); up to 64 tokens, oneDNN's
-# linear is faster than the default GEMM for projections wider than their input (qkv, gate+up,
-# lm_head: up to ~2x at 8 tokens, ~1.25x at 64) and no faster for the others; beyond 64 tokens the
-# default GEMM is as fast or faster.
-_ONEDNN_MAX_TOKENS = 64
+# the weight once, fastest with our gemv (engine/models/cpu_kernels.py); up to 64 tokens our small
+# GEMM is ~1.1-1.6x oneDNN's linear, which is itself faster than the default GEMM for projections
+# wider than their input (the fallback where our kernels cannot run); beyond 64 tokens the default
+# GEMM is as fast or faster.
+_SMALL_MAX_TOKENS = 64
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
@@ -41,9 +41,13 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] -> [T, out]
         if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
-            if x.shape[0] == 1 and (kernels := cpu_kernels.load()) is not None:
-                return kernels.gemv(x, self.weight, self.bias)
-            if self.widens and x.shape[0] <= _ONEDNN_MAX_TOKENS:
+            num_tokens = x.shape[0]
+            if num_tokens <= _SMALL_MAX_TOKENS and (kernels := cpu_kernels.load()) is not None:
+                if num_tokens == 1:
+                    return kernels.gemv(x, self.weight, self.bias)
+                if self.in_features % 8 == 0:
+                    return kernels.gemm_small(x, self.weight, self.bias)
+            if self.widens and num_tokens <= _SMALL_MAX_TOKENS:
                 return onednn_linear(x, self.weight, self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
 

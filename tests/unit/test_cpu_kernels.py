@@ -35,18 +35,18 @@ def test_gemv_matches_torch_linear(n_out, n_in, bias):
 
 
 def test_linear_takes_the_same_value_on_every_path(monkeypatch):
-    """One token (gemv), a few tokens (oneDNN for a widening projection), many (default GEMM)."""
+    """One token (gemv), a few tokens (our small GEMM, or oneDNN for a widening projection where
+    our kernels cannot run), many tokens (the default GEMM)."""
     from engine.models import layers
 
-    calls = {"gemv": 0, "onednn": 0}
+    calls = {"gemv": 0, "gemm_small": 0, "onednn": 0}
     if kernels is not None:
-        gemv = kernels.gemv
+        for name in ("gemv", "gemm_small"):
+            def counting(*args, name=name, kernel=getattr(kernels, name)):
+                calls[name] += 1
+                return kernel(*args)
 
-        def counting_gemv(*args):
-            calls["gemv"] += 1
-            return gemv(*args)
-
-        monkeypatch.setattr(kernels, "gemv", counting_gemv)
+            monkeypatch.setattr(kernels, name, counting)
     onednn = layers.onednn_linear
 
     def counting_onednn(*args):
@@ -68,9 +68,24 @@ def test_linear_takes_the_same_value_on_every_path(monkeypatch):
                 torch.testing.assert_close(
                     layer(x[:num_tokens]), expected[:num_tokens], rtol=1e-5, atol=1e-4
                 )
-    # gemv for the two single-token calls; oneDNN for 7 and 64 tokens of the widening layer only.
-    assert calls["gemv"] == (2 if kernels is not None else 0)
-    assert calls["onednn"] == (2 if layers._HAS_ONEDNN else 0)
+    if kernels is not None:  # gemv for the two single-token calls, the small GEMM at 7 and 64
+        assert calls == {"gemv": 2, "gemm_small": 4, "onednn": 0}
+    else:  # oneDNN for 7 and 64 tokens of the widening layer only
+        assert calls["onednn"] == (2 if layers._HAS_ONEDNN else 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_tokens, n_out, n_in", [(2, 576, 576), (3, 7, 8), (5, 13, 16),
+                                                     (64, 960, 576), (33, 5, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemm_small_matches_torch_linear(num_tokens, n_out, n_in, bias):
+    torch.manual_seed(num_tokens * n_out)
+    weight, x = torch.randn(n_out, n_in), torch.randn(num_tokens, n_in)
+    b = torch.randn(n_out) if bias else None
+    got = kernels.gemm_small(x, weight, b)
+    assert got.shape == (num_tokens, n_out)
+    expected = torch.nn.functional.linear(x, weight, b)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * n_in**0.5)
 
 
 @needs_kernels
