@@ -237,7 +237,31 @@ void baton_store_kv_f32(const float* k, const float* v, float* k_cache, float* v
     }
 }
 
-/* X: [M, K], W: [N, K], bias: [N] or NULL, Y: [M, N]; K % 8 == 0. */
+/* Rows m..m+rows-1 of X (rows <= 3, a constant where inlined) against the four W rows w[]:
+ * twelve accumulators at most, each W load used by every row. */
+static inline __attribute__((always_inline)) void gemm_tile(
+        const float* X, const float* const* w, const float* bias, float* Y,
+        int64_t m, int rows, int64_t n0, int64_t num_n, int64_t N, int64_t K) {
+    __m256 a[3][4];
+    for (int r = 0; r < 3; r++)
+        for (int j = 0; j < 4; j++) a[r][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        const __m256 b0 = _mm256_loadu_ps(w[0] + k), b1 = _mm256_loadu_ps(w[1] + k);
+        const __m256 b2 = _mm256_loadu_ps(w[2] + k), b3 = _mm256_loadu_ps(w[3] + k);
+        for (int r = 0; r < rows; r++) {
+            const __m256 x = _mm256_loadu_ps(X + (m + r) * K + k);
+            a[r][0] = _mm256_fmadd_ps(x, b0, a[r][0]); a[r][1] = _mm256_fmadd_ps(x, b1, a[r][1]);
+            a[r][2] = _mm256_fmadd_ps(x, b2, a[r][2]); a[r][3] = _mm256_fmadd_ps(x, b3, a[r][3]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int64_t j = 0; j < num_n; j++)
+            Y[(m + r) * N + n0 + j] = hsum(a[r][j]) + (bias ? bias[n0 + j] : 0.0f);
+}
+
+/* X: [M, K], W: [N, K], bias: [N] or NULL, Y: [M, N]; K % 8 == 0. The last one or two rows of X
+ * get a tile of their own (a one-accumulator dot product per output would take as long as three
+ * full tiles). */
 void baton_gemm_small_f32(const float* X, const float* W, const float* bias, float* Y,
                           int64_t M, int64_t N, int64_t K, int num_threads) {
     #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -246,30 +270,8 @@ void baton_gemm_small_f32(const float* X, const float* W, const float* bias, flo
         const float* w[4];
         for (int64_t j = 0; j < 4; j++) w[j] = W + (n0 + (j < num_n ? j : 0)) * K;
         int64_t m = 0;
-        for (; m + 3 <= M; m += 3) {
-            const float *x0 = X + m * K, *x1 = x0 + K, *x2 = x1 + K;
-            __m256 a[3][4];
-            for (int r = 0; r < 3; r++)
-                for (int j = 0; j < 4; j++) a[r][j] = _mm256_setzero_ps();
-            for (int64_t k = 0; k < K; k += 8) {
-                const __m256 b0 = _mm256_loadu_ps(w[0] + k), b1 = _mm256_loadu_ps(w[1] + k);
-                const __m256 b2 = _mm256_loadu_ps(w[2] + k), b3 = _mm256_loadu_ps(w[3] + k);
-                __m256 x = _mm256_loadu_ps(x0 + k);
-                a[0][0] = _mm256_fmadd_ps(x, b0, a[0][0]); a[0][1] = _mm256_fmadd_ps(x, b1, a[0][1]);
-                a[0][2] = _mm256_fmadd_ps(x, b2, a[0][2]); a[0][3] = _mm256_fmadd_ps(x, b3, a[0][3]);
-                x = _mm256_loadu_ps(x1 + k);
-                a[1][0] = _mm256_fmadd_ps(x, b0, a[1][0]); a[1][1] = _mm256_fmadd_ps(x, b1, a[1][1]);
-                a[1][2] = _mm256_fmadd_ps(x, b2, a[1][2]); a[1][3] = _mm256_fmadd_ps(x, b3, a[1][3]);
-                x = _mm256_loadu_ps(x2 + k);
-                a[2][0] = _mm256_fmadd_ps(x, b0, a[2][0]); a[2][1] = _mm256_fmadd_ps(x, b1, a[2][1]);
-                a[2][2] = _mm256_fmadd_ps(x, b2, a[2][2]); a[2][3] = _mm256_fmadd_ps(x, b3, a[2][3]);
-            }
-            for (int r = 0; r < 3; r++)
-                for (int64_t j = 0; j < num_n; j++)
-                    Y[(m + r) * N + n0 + j] = hsum(a[r][j]) + (bias ? bias[n0 + j] : 0.0f);
-        }
-        for (; m < M; m++)
-            for (int64_t j = 0; j < num_n; j++)
-                Y[m * N + n0 + j] = dot(w[j], X + m * K, K) + (bias ? bias[n0 + j] : 0.0f);
+        for (; m + 3 <= M; m += 3) gemm_tile(X, w, bias, Y, m, 3, n0, num_n, N, K);
+        if (M - m == 2) gemm_tile(X, w, bias, Y, m, 2, n0, num_n, N, K);
+        else if (M - m == 1) gemm_tile(X, w, bias, Y, m, 1, n0, num_n, N, K);
     }
 }
