@@ -25,7 +25,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 CACHE_DIR = Path.home() / ".cache" / "baton" / "kernels"
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -65,6 +65,33 @@ def build(cache_dir: Path = CACHE_DIR) -> Path:
     return library
 
 
+class DecoderLayerWeights(ctypes.Structure):
+    """BatonDecoderLayer in cpu_kernels.c: one decoder layer's weights (biases may be NULL) and
+    its KV pool. Build it with CpuKernels.decoder_layer; it holds pointers, not the tensors."""
+
+    _fields_ = [(name, _ptr) for name in (
+        "input_norm", "qkv_weight", "qkv_bias", "o_weight", "o_bias", "post_norm",
+        "gate_up_weight", "down_weight", "k_cache", "v_cache",
+    )]
+
+
+class DecodeBatch(ctypes.Structure):
+    """BatonDecodeBatch in cpu_kernels.c: sequences with one new token each, and the scratch a
+    layer writes. Build it with CpuKernels.decode_batch, which keeps the tensors alive with it."""
+
+    _fields_ = [
+        *[(name, _i64) for name in ("num_seqs", "dim", "num_heads", "num_kv_heads", "head_dim",
+                                     "intermediate", "block_size", "max_blocks")],
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+        *[(name, _ptr) for name in ("cos", "sin", "slots", "block_tables", "context_lens",
+                                     "normed", "qkv", "attn", "gate_up")],
+    ]
+
+
+def _ptr_or_none(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 class CpuKernels:
     def __init__(self, library: Path) -> None:
         lib = ctypes.CDLL(str(library))
@@ -83,6 +110,9 @@ class CpuKernels:
         self._store_kv = lib.baton_store_kv_f32
         self._store_kv.argtypes = [_ptr] * 5 + [_i64, _i64]
         self._store_kv.restype = None
+        self._decode_layer = lib.baton_decode_layer_f32
+        self._decode_layer.argtypes = [_ptr, _ptr, _ptr, ctypes.c_int]
+        self._decode_layer.restype = ctypes.c_int
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [1, in], weight [out, in] contiguous, bias [out] or None (float32, CPU) -> [1, out]."""
@@ -164,6 +194,64 @@ class CpuKernels:
         if status != 0:
             raise MemoryError("decode attention: out of memory for the attention scores")
         return out
+
+
+    @staticmethod
+    def decoder_layer(
+        input_norm: torch.Tensor,  # [dim]
+        qkv_weight: torch.Tensor,  # [(H + 2 Hkv) D, dim], q rows, then k, then v
+        qkv_bias: torch.Tensor | None,
+        o_weight: torch.Tensor,  # [dim, H D]
+        o_bias: torch.Tensor | None,
+        post_norm: torch.Tensor,  # [dim]
+        gate_up_weight: torch.Tensor,  # [2 intermediate, dim], gate rows, then up
+        down_weight: torch.Tensor,  # [dim, intermediate]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,
+    ) -> DecoderLayerWeights:
+        """Pointers to one layer's tensors (contiguous float32 on the CPU, alive while used)."""
+        tensors = (input_norm, qkv_weight, qkv_bias, o_weight, o_bias, post_norm, gate_up_weight,
+                   down_weight, k_cache, v_cache)
+        if not all(t is None or t.is_contiguous() for t in tensors):
+            raise ValueError("decoder layer tensors must be contiguous")
+        return DecoderLayerWeights(*map(_ptr_or_none, tensors))
+
+    @staticmethod
+    def decode_batch(
+        *,
+        dim: int, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int, eps: float,
+        cos: torch.Tensor,  # [B, 1, head_dim] as rope_cos_sin returns them
+        sin: torch.Tensor,
+        slot_mapping: torch.Tensor,  # [B] int64
+        block_tables: torch.Tensor,  # [B, max_blocks] int64
+        context_lens: torch.Tensor,  # [B] int64, >= 1
+        block_size: int,
+    ) -> tuple[DecodeBatch, tuple[torch.Tensor, ...]]:
+        """The batch and the tensors it points into (keep them while the batch is used)."""
+        num_seqs = slot_mapping.shape[0]
+        width = (num_heads + 2 * num_kv_heads) * head_dim
+        keep = (
+            cos.contiguous(), sin.contiguous(), slot_mapping.contiguous(),
+            block_tables.contiguous(), context_lens.contiguous(),
+            torch.empty(num_seqs, dim), torch.empty(num_seqs, width),
+            torch.empty(num_seqs, num_heads * head_dim), torch.empty(num_seqs, 2 * intermediate),
+        )
+        batch = DecodeBatch(
+            num_seqs, dim, num_heads, num_kv_heads, head_dim, intermediate, block_size,
+            block_tables.shape[1], eps, head_dim**-0.5, *(t.data_ptr() for t in keep),
+        )
+        return batch, keep
+
+    def decode_layer(
+        self, layer: DecoderLayerWeights, batch: DecodeBatch, residual: torch.Tensor
+    ) -> None:
+        """residual [B, dim] (contiguous) += one decoder layer's attention and MLP outputs, for
+        sequences with one new token each; their K/V go into the layer's pool."""
+        status = self._decode_layer(
+            ctypes.byref(layer), ctypes.byref(batch), residual.data_ptr(), torch.get_num_threads()
+        )
+        if status != 0:
+            raise MemoryError("decode layer: out of memory for the attention scores")
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from engine.models import cpu_kernels
 # GEMM is ~1.1-1.6x oneDNN's linear, which is itself faster than the default GEMM for projections
 # wider than their input (the fallback where our kernels cannot run); beyond 64 tokens the default
 # GEMM is as fast or faster.
-_SMALL_MAX_TOKENS = 64
+SMALL_MAX_TOKENS = 64
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
@@ -42,12 +42,12 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] -> [T, out]
         if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
             num_tokens = x.shape[0]
-            if num_tokens <= _SMALL_MAX_TOKENS and (kernels := cpu_kernels.load()) is not None:
+            if num_tokens <= SMALL_MAX_TOKENS and (kernels := cpu_kernels.load()) is not None:
                 if num_tokens == 1:
                     return kernels.gemv(x, self.weight, self.bias)
                 if self.in_features % 8 == 0:
                     return kernels.gemm_small(x, self.weight, self.bias)
-            if self.widens and num_tokens <= _SMALL_MAX_TOKENS:
+            if self.widens and num_tokens <= SMALL_MAX_TOKENS:
                 return onednn_linear(x, self.weight, self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
 

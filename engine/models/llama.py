@@ -14,8 +14,16 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.models import cpu_kernels
 from engine.models.attention import AttentionMetadata, paged_attention
-from engine.models.layers import RMSNorm, apply_rope, make_linear, rope_cos_sin, rope_inv_freq
+from engine.models.layers import (
+    SMALL_MAX_TOKENS,
+    RMSNorm,
+    apply_rope,
+    make_linear,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,17 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
+    def kernel_weights(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> cpu_kernels.DecoderLayerWeights:
+        """This layer's tensors for the CPU decode-layer kernel (LlamaModel.forward)."""
+        attn, mlp = self.self_attn, self.mlp
+        return cpu_kernels.CpuKernels.decoder_layer(
+            self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias,
+            attn.o_proj.weight, attn.o_proj.bias, self.post_attention_layernorm.weight,
+            mlp.gate_up_proj.weight, mlp.down_proj.weight, k_cache, v_cache,
+        )
+
 
 class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
@@ -150,10 +169,41 @@ class LlamaModel(nn.Module):
         """Hidden states after the final norm: [T, dim]."""
         x = self.embed_tokens(input_ids)  # [T, dim]
         cos, sin = rope_cos_sin(meta.positions, self.inv_freq, x.dtype)  # [T, 1, head_dim]
+        if (kernels := self._decode_layer_kernels(x, meta, k_caches[0])) is not None:
+            return self._decode_with_kernels(kernels, x, cos, sin, meta, k_caches, v_caches)
         residual = None
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
             x, residual = layer(x, residual, cos, sin, k_cache, v_cache, meta)
         return self.norm(x, residual)[0]
+
+    def _decode_layer_kernels(
+        self, x: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor
+    ) -> cpu_kernels.CpuKernels | None:
+        """The CPU kernels when this pass can run each layer as one kernel call: every sequence
+        has one new token (at most SMALL_MAX_TOKENS of them), float32 on the CPU, and the sizes
+        the kernel's vector loops take."""
+        args = self.args
+        if (meta.multi_mask is not None or x.shape[0] > SMALL_MAX_TOKENS
+                or x.device.type != "cpu" or x.dtype != torch.float32
+                or k_cache.dtype != torch.float32 or args.head_dim % 8 or args.head_dim > 128
+                or args.dim % 8 or args.intermediate_size % 8):
+            return None
+        return cpu_kernels.load()
+
+    def _decode_with_kernels(self, kernels, x, cos, sin, meta, k_caches, v_caches):
+        """forward() for a batch of single-token sequences: one kernel call per layer (the same
+        operations as DecoderLayer.forward, without a Python round trip between them)."""
+        args = self.args
+        batch, _keep_alive = kernels.decode_batch(
+            dim=args.dim, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+            head_dim=args.head_dim, intermediate=args.intermediate_size, eps=args.norm_eps,
+            cos=cos, sin=sin, slot_mapping=meta.slot_mapping, block_tables=meta.block_tables,
+            context_lens=meta.context_lens, block_size=k_caches[0].shape[1],
+        )
+        residual = x  # the embeddings, a fresh tensor: updated in place, layer by layer
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
+            kernels.decode_layer(layer.kernel_weights(k_cache, v_cache), batch, residual)
+        return self.norm(residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, dim] -> logits [N, vocab] in float32."""
