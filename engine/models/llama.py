@@ -148,6 +148,9 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = make_linear(args.dim, args.vocab_size)
         self.tie_weights()
+        # Pointers to each layer's weights and pool for the CPU decode-layer kernel, keyed by
+        # the pools': built on first use (~45 us a layer), dropped when weights are (re)set.
+        self._kernel_layers: tuple[tuple[int, ...], list] | None = None
         self.register_buffer(
             "inv_freq",
             rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling),
@@ -156,6 +159,7 @@ class LlamaModel(nn.Module):
 
     def tie_weights(self) -> None:
         """Share lm_head with the embeddings when the config says so (again after to_empty)."""
+        self._kernel_layers = None
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -200,9 +204,15 @@ class LlamaModel(nn.Module):
             cos=cos, sin=sin, slot_mapping=meta.slot_mapping, block_tables=meta.block_tables,
             context_lens=meta.context_lens, block_size=k_caches[0].shape[1],
         )
+        key = tuple(cache.data_ptr() for cache in (*k_caches, *v_caches))
+        if self._kernel_layers is None or self._kernel_layers[0] != key:
+            self._kernel_layers = (key, [
+                layer.kernel_weights(k_cache, v_cache)
+                for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches)
+            ])
         residual = x  # the embeddings, a fresh tensor: updated in place, layer by layer
-        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
-            kernels.decode_layer(layer.kernel_weights(k_cache, v_cache), batch, residual)
+        for layer_weights in self._kernel_layers[1]:
+            kernels.decode_layer(layer_weights, batch, residual)
         return self.norm(residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -214,6 +224,7 @@ class LlamaModel(nn.Module):
 
         HF's separate q/k/v and gate/up projections fill row ranges of the fused ones.
         """
+        self._kernel_layers = None
         targets = self._hf_targets()
         seen = set()
         for hf_name, tensor in state_dict.items():
