@@ -101,7 +101,7 @@ class DecodeWorker(WorkerServer, worker_pb2_grpc.DecodeServicer):
                     num_blocks=-(-len(prompt) // self.engine.block_size)))
             else:
                 self.loop.call(self.engine.add_request, rid, prompt, sampling)
-        except Exception as exc:  # refused up front: nothing is left allocated
+        except Exception as exc:  # noqa: BLE001  refused up front: nothing is left allocated
             self.loop.unsubscribe(rid)
             finished = True
             code, message = abort_status(exc)

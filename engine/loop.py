@@ -141,7 +141,7 @@ class EngineLoop:
                 continue
             try:
                 future.set_result(fn())
-            except BaseException as exc:  # handed to the caller
+            except BaseException as exc:  # noqa: BLE001  handed to the caller
                 future.set_exception(exc)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:

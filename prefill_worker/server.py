@@ -76,7 +76,7 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         try:
             self.loop.call(self.engine.add_request, rid, prompt, sampling, prefill_only=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  refused up front, with the status abort_status picks
             self.loop.unsubscribe(rid)
             code, message = abort_status(exc)
             context.abort(code, message)

@@ -43,7 +43,7 @@ def test_router_path_matches_hf(name, num_prefill):
     from engine.config import ModelConfig
 
     batch = prompts(ModelConfig.from_dir(model_dir).vocab_size)
-    with running_cluster(model_dir, num_prefill=num_prefill) as (router, prefill, decode):
+    with running_cluster(model_dir, num_prefill=num_prefill) as (router, prefill, _decode):
         with ThreadPoolExecutor(len(batch)) as pool:
             outputs = list(pool.map(lambda p: generate(router.grpc_address, p), batch))
         if num_prefill:

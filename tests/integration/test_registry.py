@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture()
-def client(redis_server):
+def client(redis_server):  # noqa: F811
     import redis
 
     client = redis.Redis.from_url(redis_server.url)
@@ -74,7 +74,7 @@ def test_malformed_entries_are_skipped(client) -> None:
     assert [w.worker_id for w in list_workers(client)] == ["decode-0"]
 
 
-def test_directory_polls_and_survives_redis_loss(redis_server, client) -> None:
+def test_directory_polls_and_survives_redis_loss(redis_server, client) -> None:  # noqa: F811
     directory = RedisWorkerDirectory(redis_server.url, poll_interval_s=0.05, socket_timeout_s=0.3)
     directory.start()
     try:

@@ -206,7 +206,7 @@ def test_n_choices_reuse_the_prompt_of_choice_0(cluster) -> None:
 
 
 def test_the_same_prompt_twice_reports_cached_tokens(cluster) -> None:
-    router, workers = cluster
+    router, _workers = cluster
     prompt = [(11 * i + 5) % 300 + 20 for i in range(37)]  # 2 full blocks, seen by no other
     with baton.Client(router.grpc_address, timeout=60) as sdk:
         first = sdk.generate(token_ids=prompt, max_tokens=3, temperature=0, ignore_eos=True)

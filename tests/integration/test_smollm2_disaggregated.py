@@ -35,9 +35,9 @@ def test_three_prompts_match_hf(smollm2_dir):
             return [t for msg in generation_pb2_grpc.GenerationStub(channel).Generate(
                 request, timeout=300) for t in msg.token_ids]
 
-    with running_cluster(smollm2_dir, kv_cache_memory_bytes=128 << 20) as (router, _, _):
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            outputs = list(pool.map(lambda p: generate(router.grpc_address, p), prompts))
+    with (running_cluster(smollm2_dir, kv_cache_memory_bytes=128 << 20) as (router, _, _),
+          ThreadPoolExecutor(len(prompts)) as pool):
+        outputs = list(pool.map(lambda p: generate(router.grpc_address, p), prompts))
     for prompt, output in zip(prompts, outputs):
         assert output == hf_generate_greedy(smollm2_dir, prompt, MAX_TOKENS)
     assert "Paris" in tokenizer.decode(outputs[0])

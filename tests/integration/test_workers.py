@@ -134,7 +134,7 @@ def test_corrupt_chunk_fails_that_request_only_and_frees_its_blocks(workers, mod
 
 
 def test_reservation_without_kv_expires_and_frees_blocks(workers):
-    prefill, decode = workers
+    _prefill, decode = workers
     free_before = decode.load().num_free_blocks
     with grpc.insecure_channel(decode.address, options=GRPC_OPTIONS) as chan:
         stream = worker_pb2_grpc.DecodeStub(chan).Generate(worker_pb2.DecodeRequest(
@@ -150,7 +150,7 @@ def test_reservation_without_kv_expires_and_frees_blocks(workers):
 
 
 def test_client_gone_frees_blocks(workers):
-    prefill, decode = workers
+    _prefill, decode = workers
     free_before = decode.load().num_free_blocks
     with grpc.insecure_channel(decode.address, options=GRPC_OPTIONS) as chan:
         stream = worker_pb2_grpc.DecodeStub(chan).Generate(worker_pb2.DecodeRequest(
@@ -163,7 +163,7 @@ def test_client_gone_frees_blocks(workers):
 
 
 def test_bad_sampling_is_invalid_argument(workers):
-    prefill, decode = workers
+    _prefill, decode = workers
     with grpc.insecure_channel(decode.address, options=GRPC_OPTIONS) as chan:
         msg = sampling_to_proto(GREEDY)
         msg.top_p = 1.5
@@ -176,10 +176,10 @@ def test_bad_sampling_is_invalid_argument(workers):
 
 
 def test_transfer_id_in_use_is_refused_and_frees_its_reservation(workers):
-    prefill, decode = workers
+    _prefill, decode = workers
     free_before = decode.load().num_free_blocks
-    request = dict(prompt_token_ids=list(range(3, 40)), sampling=sampling_to_proto(GREEDY),
-                   prefill_mode=worker_pb2.PREFILL_MODE_REMOTE, transfer_id="shared-transfer")
+    request = {"prompt_token_ids": list(range(3, 40)), "sampling": sampling_to_proto(GREEDY),
+               "prefill_mode": worker_pb2.PREFILL_MODE_REMOTE, "transfer_id": "shared-transfer"}
     with grpc.insecure_channel(decode.address, options=GRPC_OPTIONS) as chan:
         stub = worker_pb2_grpc.DecodeStub(chan)
         first = stub.Generate(worker_pb2.DecodeRequest(request_id="a", **request), timeout=30)

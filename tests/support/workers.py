@@ -12,8 +12,8 @@ from prefill_worker.server import PrefillWorker
 
 
 def engine_config(model_dir: Path, **overrides) -> EngineConfig:
-    settings = dict(model=str(model_dir), device="cpu", dtype="float32",
-                    kv_cache_memory_bytes=64 << 20, max_num_seqs=32, max_num_batched_tokens=512)
+    settings = {"model": str(model_dir), "device": "cpu", "dtype": "float32",
+                "kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 32, "max_num_batched_tokens": 512}
     settings.update(overrides)
     return EngineConfig(**settings)
 

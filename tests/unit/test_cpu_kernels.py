@@ -42,7 +42,9 @@ def test_linear_takes_the_same_value_on_every_path(monkeypatch):
     calls = {"gemv": 0, "gemm_small": 0, "onednn": 0}
     if kernels is not None:
         for name in ("gemv", "gemm_small"):
-            def counting(*args, name=name, kernel=getattr(kernels, name)):
+            kernel = getattr(kernels, name)
+
+            def counting(*args, name=name, kernel=kernel):
                 calls[name] += 1
                 return kernel(*args)
 
