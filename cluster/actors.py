@@ -72,6 +72,7 @@ class WorkerActor:
         host: str = "127.0.0.1",
         heartbeat_interval_s: float = 2.0,
         lease_ttl_s: float = 10.0,
+        kv_compression: str = "none",  # prefill workers: how KV goes on the wire
     ) -> None:
         self.worker_id = worker_id
         self.engine_config = engine_config
@@ -80,6 +81,7 @@ class WorkerActor:
         self.host = host
         self.heartbeat_interval_s = heartbeat_interval_s
         self.lease_ttl_s = lease_ttl_s
+        self.kv_compression = kv_compression
         self.worker: Any = None
         self.info: Any = None  # router.registry.WorkerInfo once registered
         self._redis: Any = None
@@ -90,12 +92,15 @@ class WorkerActor:
 
     def make_worker(self) -> Any:
         """The component this actor hosts (tests override this with a stand-in)."""
+        options: dict[str, Any] = {}
         if self.role == "prefill":
             from prefill_worker.server import PrefillWorker as cls
+
+            options["kv_compression"] = self.kv_compression
         else:
             from decode_worker.server import DecodeWorker as cls
         return cls(self.engine_config, worker_id=self.worker_id, model_name=self.model_name,
-                   host=self.host, port=0)
+                   host=self.host, port=0, **options)
 
     def start(self) -> dict:
         """Load, bind, register; returns the registry entry as a dict."""

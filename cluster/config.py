@@ -4,6 +4,7 @@
     prefill: {count: 1, num_cpus: 1, engine: {kv_cache_memory_bytes: 512MiB}}
     decode:  {count: 1, num_cpus: 1}
     router:  {host: 127.0.0.1, http_port: 8000, grpc_port: 50051}
+    kvtransfer: {compression: none}   # int8: about a quarter of float32's bytes, lossy
     redis_url: null                   # null = an embedded redis-server on a free loopback port
     ray_address: null                 # null = a local Ray runtime
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig
+from kvtransfer.compression import COMPRESSIONS
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -139,12 +141,27 @@ class RouterSection:
 
 
 @dataclass(frozen=True)
+class KVTransferSection:
+    """How prefill workers send KV to decode workers."""
+
+    compression: str = "none"  # none | int8 (lossy: greedy output may differ from none's)
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(
+                f"kvtransfer.compression must be one of {', '.join(COMPRESSIONS)}, "
+                f"got {self.compression!r}"
+            )
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     model: str = DEFAULT_MODEL
     model_cache_dir: str | None = None  # None = ~/.cache/baton/models
     prefill: WorkerPoolConfig = field(default_factory=lambda: WorkerPoolConfig(role="prefill"))
     decode: WorkerPoolConfig = field(default_factory=lambda: WorkerPoolConfig(role="decode"))
     router: RouterSection = field(default_factory=RouterSection)
+    kvtransfer: KVTransferSection = field(default_factory=KVTransferSection)
     redis_url: str | None = None  # None = an embedded redis-server on a free loopback port
     ray_address: str | None = None  # None = a local Ray runtime
     heartbeat_interval_s: float = 2.0

@@ -215,6 +215,7 @@ class Cluster:
                     host=pool.host,
                     heartbeat_interval_s=cfg.heartbeat_interval_s,
                     lease_ttl_s=cfg.lease_ttl_s,
+                    kv_compression=cfg.kvtransfer.compression,
                 )
                 self.worker_actors[worker_id] = actor
                 starts[actor.start.remote()] = f"{pool.role} worker {worker_id}"

@@ -1,8 +1,11 @@
 """KV chunks: a layer range x a token range of one request's K and V, as one protobuf message.
 
 Payload layout: K then V, each [layers, tokens, num_kv_heads, head_dim], row-major, in the
-sender's KV dtype; crc32 over the payload. decode_chunk() checks every header field against what
-the receiver expects before it builds a tensor, so a bad chunk never reaches the KV pool.
+sender's KV dtype (compression "none", the default) or as int8 (compression "int8", with float32
+scales [2 (K, V), layers, groups, num_kv_heads] per scale_block_tokens tokens; kvtransfer/quant.py).
+crc32 covers the payload then the scales: everything that is dequantized. decode_chunk() checks
+every header field and both lengths against what the receiver expects before it builds a tensor,
+so a bad chunk never reaches the KV pool.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from baton.v1 import kvtransfer_pb2
+from kvtransfer.compression import COMPRESSIONS, DEFAULT_SCALE_BLOCK_TOKENS, check_compression
+from kvtransfer.quant import dequantize_int8, num_groups, quantize_int8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_SCALE_DTYPE = torch.float32
 
 
 class ChunkErrorReason(enum.Enum):
@@ -24,6 +30,7 @@ class ChunkErrorReason(enum.Enum):
     STALE_ATTEMPT = "stale_attempt"
     BAD_RANGE = "bad_range"
     BAD_SHAPE = "bad_shape"
+    BAD_COMPRESSION = "bad_compression"  # an unknown compression, or bad scale parameters
     CHECKSUM = "checksum"
     INCOMPLETE = "incomplete"
     EXPIRED = "expired"
@@ -54,6 +61,11 @@ class KVGeometry:
         return self.num_layers * self.bytes_per_token_layer
 
 
+def chunk_num_bytes(chunk: kvtransfer_pb2.KVChunk) -> int:
+    """The KV bytes a chunk carries: payload and scales."""
+    return len(chunk.payload) + len(chunk.scales)
+
+
 def encode_chunk(
     transfer_id: str,
     attempt: int,
@@ -64,12 +76,16 @@ def encode_chunk(
     *,
     last: bool = False,
     first_token_id: int = 0,
+    compression: str = "none",
+    scale_block_tokens: int = DEFAULT_SCALE_BLOCK_TOKENS,
 ) -> kvtransfer_pb2.KVChunk:
-    """k, v: [layers, tokens, num_kv_heads, head_dim], same dtype."""
+    """k, v: [layers, tokens, num_kv_heads, head_dim], same dtype. compression "int8" sends
+    int8 values with one float32 scale per scale_block_tokens tokens (from token_start) and KV
+    head; "none" sends the values as they are."""
     assert k.shape == v.shape and k.dtype == v.dtype, (k.shape, v.shape, k.dtype, v.dtype)
+    check_compression(compression, scale_block_tokens)
     num_layers, num_tokens, num_kv_heads, head_dim = k.shape
-    payload = _to_bytes(k) + _to_bytes(v)
-    return kvtransfer_pb2.KVChunk(
+    chunk = kvtransfer_pb2.KVChunk(
         transfer_id=transfer_id,
         attempt=attempt,
         layer_start=layer_start,
@@ -79,18 +95,54 @@ def encode_chunk(
         dtype=DTYPE_NAMES[k.dtype],
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        payload=payload,
-        crc32=zlib.crc32(payload),
         last=last,
         first_token_id=first_token_id,
     )
+    if compression == "int8":
+        (qk, k_scales), (qv, v_scales) = (quantize_int8(t, scale_block_tokens) for t in (k, v))
+        chunk.compression = compression
+        chunk.scale_block_tokens = scale_block_tokens
+        chunk.payload = _to_bytes(qk) + _to_bytes(qv)
+        chunk.scales = _to_bytes(k_scales) + _to_bytes(v_scales)
+    else:
+        chunk.payload = _to_bytes(k) + _to_bytes(v)
+    chunk.crc32 = _checksum(chunk)
+    return chunk
 
 
 def decode_chunk(
     chunk: kvtransfer_pb2.KVChunk, geometry: KVGeometry, token_start: int, token_end: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate chunk against geometry and the allowed token range [token_start, token_end);
-    return (k, v), each [layers, tokens, num_kv_heads, head_dim]."""
+    return (k, v), each [layers, tokens, num_kv_heads, head_dim] in the chunk's dtype."""
+    dtype = _check_header(chunk, geometry, token_start, token_end)
+    compression = chunk.compression or "none"
+    num_layers = chunk.layer_end - chunk.layer_start
+    num_tokens = chunk.token_end - chunk.token_start
+    shape = (2, num_layers, num_tokens, geometry.num_kv_heads, geometry.head_dim)
+    value_dtype = torch.int8 if compression == "int8" else dtype
+    _check_length("payload", len(chunk.payload), shape, value_dtype)
+    scales_shape = (2, num_layers, 0, geometry.num_kv_heads)
+    if compression == "int8":
+        groups = num_groups(num_tokens, chunk.scale_block_tokens)
+        scales_shape = (2, num_layers, groups, geometry.num_kv_heads)
+    _check_length("scales", len(chunk.scales), scales_shape, _SCALE_DTYPE)
+    if _checksum(chunk) != chunk.crc32:
+        raise ChunkError(ChunkErrorReason.CHECKSUM, "payload or scales checksum mismatch")
+    kv = _from_bytes(chunk.payload, value_dtype, shape)  # [2, L, T, H, D]
+    if compression == "none":
+        return kv[0], kv[1]
+    scales = _from_bytes(chunk.scales, _SCALE_DTYPE, scales_shape)  # [2, L, G, H]
+    if not (torch.isfinite(scales).all() and (scales >= 0).all()):
+        raise ChunkError(ChunkErrorReason.BAD_COMPRESSION, "scales must be finite and >= 0")
+    k, v = (dequantize_int8(kv[i], scales[i], chunk.scale_block_tokens, dtype) for i in (0, 1))
+    return k, v
+
+
+def _check_header(
+    chunk: kvtransfer_pb2.KVChunk, geometry: KVGeometry, token_start: int, token_end: int
+) -> torch.dtype:
+    """Every header field against the receiver's expectations; returns the KV dtype."""
     if not (0 <= chunk.layer_start < chunk.layer_end <= geometry.num_layers):
         raise ChunkError(
             ChunkErrorReason.BAD_RANGE,
@@ -109,23 +161,43 @@ def decode_chunk(
     ):
         raise ChunkError(
             ChunkErrorReason.BAD_SHAPE,
-            f"chunk is {chunk.dtype} heads={chunk.num_kv_heads} head_dim={chunk.head_dim}, "
-            f"expected heads={geometry.num_kv_heads} head_dim={geometry.head_dim}",
+            f"chunk is {chunk.dtype!r} heads={chunk.num_kv_heads} head_dim={chunk.head_dim}, "
+            f"expected one of {', '.join(DTYPES)} with heads={geometry.num_kv_heads} "
+            f"head_dim={geometry.head_dim}",
         )
-    num_layers = chunk.layer_end - chunk.layer_start
-    num_tokens = chunk.token_end - chunk.token_start
-    expected = 2 * num_layers * num_tokens * geometry.num_kv_heads * geometry.head_dim * dtype.itemsize
-    if len(chunk.payload) != expected:
+    compression = chunk.compression or "none"
+    if compression not in COMPRESSIONS:
         raise ChunkError(
-            ChunkErrorReason.BAD_SHAPE,
-            f"payload has {len(chunk.payload)} bytes, its header implies {expected}",
+            ChunkErrorReason.BAD_COMPRESSION,
+            f"compression {chunk.compression!r} is unknown; known: {', '.join(COMPRESSIONS)}",
         )
-    if zlib.crc32(chunk.payload) != chunk.crc32:
-        raise ChunkError(ChunkErrorReason.CHECKSUM, "payload checksum mismatch")
-    flat = torch.frombuffer(bytearray(chunk.payload), dtype=torch.uint8).view(dtype)
-    kv = flat.view(2, num_layers, num_tokens, geometry.num_kv_heads, geometry.head_dim)
-    return kv[0], kv[1]
+    if compression == "none" and chunk.scale_block_tokens != 0:
+        raise ChunkError(ChunkErrorReason.BAD_COMPRESSION,
+                         f"an uncompressed chunk has scale_block_tokens {chunk.scale_block_tokens}"
+                         ", expected 0")
+    if compression == "int8" and chunk.scale_block_tokens < 1:
+        raise ChunkError(ChunkErrorReason.BAD_COMPRESSION,
+                         f"scale_block_tokens must be >= 1, got {chunk.scale_block_tokens}")
+    return dtype
+
+
+def _check_length(name: str, num_bytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    expected = dtype.itemsize
+    for size in shape:
+        expected *= size
+    if num_bytes != expected:
+        raise ChunkError(ChunkErrorReason.BAD_SHAPE,
+                         f"{name} has {num_bytes} bytes, its header implies {expected}")
+
+
+def _checksum(chunk: kvtransfer_pb2.KVChunk) -> int:
+    # crc32 over payload then scales; without scales it is the payload's own crc32
+    return zlib.crc32(chunk.scales, zlib.crc32(chunk.payload))
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def _from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).view(shape)

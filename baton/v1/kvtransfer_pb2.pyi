@@ -5,7 +5,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVChunk(_message.Message):
-    __slots__ = ("transfer_id", "attempt", "layer_start", "layer_end", "token_start", "token_end", "dtype", "num_kv_heads", "head_dim", "payload", "crc32", "last", "first_token_id")
+    __slots__ = ("transfer_id", "attempt", "layer_start", "layer_end", "token_start", "token_end", "dtype", "num_kv_heads", "head_dim", "payload", "crc32", "last", "first_token_id", "compression", "scales", "scale_block_tokens")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,9 @@ class KVChunk(_message.Message):
     CRC32_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    SCALE_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     attempt: int
     layer_start: int
@@ -32,7 +35,10 @@ class KVChunk(_message.Message):
     crc32: int
     last: bool
     first_token_id: int
-    def __init__(self, transfer_id: _Optional[str] = ..., attempt: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[str] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ..., last: _Optional[bool] = ..., first_token_id: _Optional[int] = ...) -> None: ...
+    compression: str
+    scales: bytes
+    scale_block_tokens: int
+    def __init__(self, transfer_id: _Optional[str] = ..., attempt: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[str] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ..., last: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., compression: _Optional[str] = ..., scales: _Optional[bytes] = ..., scale_block_tokens: _Optional[int] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ("num_bytes",)

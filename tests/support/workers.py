@@ -21,10 +21,11 @@ def engine_config(model_dir: Path, **overrides) -> EngineConfig:
 @contextlib.contextmanager
 def running_workers(
     model_dir: Path, *, num_prefill: int = 1, num_decode: int = 1, kv_lease_s: float = 30.0,
-    **engine_overrides,
+    kv_compression: str = "none", **engine_overrides,
 ) -> Iterator[tuple[list[PrefillWorker], list[DecodeWorker]]]:
     config = engine_config(model_dir, **engine_overrides)
-    prefill = [PrefillWorker(config, worker_id=f"prefill-{i}", model_name="tiny")
+    prefill = [PrefillWorker(config, worker_id=f"prefill-{i}", model_name="tiny",
+                             kv_compression=kv_compression)
                for i in range(num_prefill)]
     decode = [DecodeWorker(config, worker_id=f"decode-{i}", model_name="tiny",
                            kv_lease_s=kv_lease_s) for i in range(num_decode)]
@@ -41,7 +42,7 @@ def running_workers(
 
 @contextlib.contextmanager
 def running_cluster(model_dir: Path, *, num_prefill: int = 1, num_decode: int = 1,
-                    **engine_overrides):
+                    kv_compression: str = "none", **engine_overrides):
     """Workers plus a router that finds them through a static directory (no Redis, no Ray)."""
     import os
 
@@ -50,7 +51,7 @@ def running_cluster(model_dir: Path, *, num_prefill: int = 1, num_decode: int = 
     from router.server import Router
 
     with running_workers(model_dir, num_prefill=num_prefill, num_decode=num_decode,
-                         **engine_overrides) as (prefill, decode):
+                         kv_compression=kv_compression, **engine_overrides) as (prefill, decode):
         infos = [WorkerInfo(worker_id=w.worker_id, role=w.role, state="ready",
                             grpc_address=w.address, metrics_url="", pid=os.getpid(),
                             node="local") for w in (*prefill, *decode)]

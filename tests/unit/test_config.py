@@ -12,6 +12,7 @@ from cluster.config import (
     ClusterConfig,
     ConfigError,
     EngineSettings,
+    KVTransferSection,
     WorkerPoolConfig,
     load_config,
     parse_size,
@@ -37,6 +38,7 @@ def test_defaults():
     assert (cfg.router.host, cfg.router.http_port, cfg.router.grpc_port) == ("127.0.0.1", 8000, 50051)
     assert cfg.redis_url is None and cfg.ray_address is None
     assert cfg.heartbeat_interval_s == 2.0 and cfg.lease_ttl_s == 10.0
+    assert cfg.kvtransfer.compression == "none"
 
 
 def test_config_is_frozen():
@@ -109,6 +111,7 @@ def test_example_lists_every_key():
     for role in ("prefill", "decode"):
         assert set(raw[role]) == keys(WorkerPoolConfig)
         assert set(raw[role]["engine"]) == keys(EngineSettings)
+    assert set(raw["kvtransfer"]) == keys(KVTransferSection)
 
 
 def test_engine_config_takes_threads_from_num_cpus():
@@ -155,6 +158,7 @@ def test_unknown_key_is_named(tmp_path, text, words):
     ({"router.request_timeout_s": "soon"}, ["router.request_timeout_s", "number"]),
     ({"prefill.engine.kv_cache_memory_bytes": "lots"}, ["kv_cache_memory_bytes", "MiB", "'lots'"]),
     ({"model": ""}, ["model"]),
+    ({"kvtransfer.compression": "fp8"}, ["kvtransfer.compression", "none, int8", "'fp8'"]),
 ])
 def test_bad_values_name_the_key(overrides, words):
     with pytest.raises(ConfigError) as err:
@@ -207,3 +211,12 @@ def test_requested_resources():
                              "decode.num_gpus": 1})
     assert cfg.num_requested_cpus == 2 * 2 + 3 * 1 + 1  # + the router
     assert cfg.num_requested_gpus == 3
+
+
+def test_kvtransfer_compression_from_yaml_and_flag(tmp_path):
+    path = write(tmp_path, "kvtransfer: {compression: int8}\n")
+    assert load_config(path, {}).kvtransfer == KVTransferSection(compression="int8")
+    assert load_config(path, {"kvtransfer.compression": "none"}).kvtransfer.compression == "none"
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "kvtransfer: {compresion: int8}\n"), {})
+    assert "'kvtransfer.compresion'" in str(err.value) and "compression" in str(err.value)
