@@ -7,7 +7,7 @@ one process (tests) and each worker serves only its own series. Names follow DES
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -72,7 +72,30 @@ class WorkerMetrics:
         ).labels(*values)
         self.kv_transfer_bytes = Counter(
             "baton_kv_transfer_bytes_total",
-            "KV payload bytes moved between workers (received on decode, sent on prefill).",
+            "KV bytes moved between workers, payloads and int8 scales (received on decode, sent on "
+            "prefill).",
+            labels, registry=registry,
+        ).labels(*values)
+        self.kv_transfer_seconds = Histogram(
+            "baton_kv_transfer_seconds",
+            "Decode: time from the reservation of a request's KV to its last chunk written, "
+            "for completed transfers.",
+            labels, buckets=LATENCY_BUCKETS, registry=registry,
+        ).labels(*values)
+        self._kv_transfer_failures = Counter(
+            "baton_kv_transfer_failures_total", "KV transfers that failed, by reason.",
+            [*labels, "reason"], registry=registry,
+        )
+        self._kv_transfer_refused_pushes = Counter(
+            "baton_kv_transfer_refused_pushes_total",
+            "Decode: KV pushes refused without failing a transfer (a transfer no longer "
+            "expected, an older attempt), by reason.",
+            [*labels, "reason"], registry=registry,
+        )
+        self.kv_transfer_skipped_blocks = Counter(
+            "baton_kv_transfer_skipped_blocks_total",
+            "Decode: full KV blocks of remote-prefill prompts already in the prefix cache, "
+            "so not transferred.",
             labels, registry=registry,
         ).labels(*values)
         self._step_seconds = Histogram(
@@ -84,6 +107,21 @@ class WorkerMetrics:
         self._prefill_step = self._step_seconds.labels(*values, "prefill")
         self._decode_step = self._step_seconds.labels(*values, "decode")
         self._labels, self._values = labels, values
+
+    def declare_kv_transfer_reasons(
+        self, failure_reasons: Iterable[str], refusal_reasons: Iterable[str]
+    ) -> None:
+        """Create each reason's series at 0, so it shows before its first increment."""
+        for reason in failure_reasons:
+            self._kv_transfer_failures.labels(*self._values, reason)
+        for reason in refusal_reasons:
+            self._kv_transfer_refused_pushes.labels(*self._values, reason)
+
+    def count_kv_transfer_failure(self, reason: str) -> None:
+        self._kv_transfer_failures.labels(*self._values, reason).inc()
+
+    def count_kv_transfer_refused_push(self, reason: str) -> None:
+        self._kv_transfer_refused_pushes.labels(*self._values, reason).inc()
 
     def observe_step(self, step: StepTiming) -> None:
         (self._prefill_step if step.is_prefill else self._decode_step).observe(step.seconds)

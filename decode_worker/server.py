@@ -26,7 +26,7 @@ from baton.worker import WorkerServer, abort_status, load_to_proto
 from engine.loop import LoopStopped, RequestFailed
 from engine.request import InvalidRequestError, RequestOutput
 from kvtransfer.codec import ChunkError, KVGeometry
-from kvtransfer.receiver import KVReceiver
+from kvtransfer.receiver import FAILURE_REASONS, REFUSAL_REASONS, KVReceiver
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,20 @@ class DecodeWorker(WorkerServer, worker_pb2_grpc.DecodeServicer):
 
     def _add_services(self, server: grpc.Server) -> None:
         mc = self.engine.model_config
+        metrics = self.metrics
+        metrics.declare_kv_transfer_reasons([r.value for r in FAILURE_REASONS],
+                                            [r.value for r in REFUSAL_REASONS])
         self.receiver = KVReceiver(
             KVGeometry(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.engine.kv_dtype),
             write=lambda *args: self.loop.call(self.engine.write_kv, *args),
             on_complete=lambda rid, token: self.loop.call(self.engine.commit, rid, token),
             on_failed=self._transfer_failed,
-            on_bytes=self.metrics.kv_transfer_bytes.inc,
+            on_bytes=metrics.kv_transfer_bytes.inc,
+            on_seconds=metrics.kv_transfer_seconds.observe,
+            on_failure=lambda reason: metrics.count_kv_transfer_failure(reason.value),
+            on_refusal=lambda reason: metrics.count_kv_transfer_refused_push(reason.value),
             lease_s=self._kv_lease_s,
+            vocab_size=mc.vocab_size,
         )
         worker_pb2_grpc.add_DecodeServicer_to_server(self, server)
         kvtransfer_pb2_grpc.add_KVTransferServicer_to_server(self.receiver, server)
@@ -96,6 +103,8 @@ class DecodeWorker(WorkerServer, worker_pb2_grpc.DecodeServicer):
                         f"transfer_id {request.transfer_id} is already in use", "transfer_id")
                 log.info("request_id=%s: reserved KV for %d prompt tokens (%d cached), transfer %s",
                          rid, len(prompt), num_cached, request.transfer_id)
+                # the prefill worker sends only what follows the cached (full) blocks
+                self.metrics.kv_transfer_skipped_blocks.inc(num_cached // self.engine.block_size)
                 yield worker_pb2.DecodeResponse(reserved=worker_pb2.Reserved(
                     transfer_id=request.transfer_id, num_cached_tokens=num_cached,
                     num_blocks=-(-len(prompt) // self.engine.block_size)))

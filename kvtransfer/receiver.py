@@ -6,6 +6,11 @@ chunks arrive through Push, each validated and then written -> the last chunk co
 status) on any bad chunk, a stream that ends early, or when its lease runs out before completion;
 cancel_request() removes it without a callback (the request was aborted). The receiver writes only
 through the callbacks it is given, so it knows nothing of the engine.
+
+Invariant: a transfer leaves the table exactly once, as completed, failed or cancelled. A Push that
+ends with an error status either failed its transfer or was refused on its own (its chunks name a
+transfer no longer expected or an older attempt, or the transfer had already ended); the metric
+hooks (on_bytes, on_seconds, on_failure, on_refusal) count each of those once and change nothing.
 """
 
 from __future__ import annotations
@@ -20,17 +25,32 @@ import grpc
 import torch
 
 from baton.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
-from kvtransfer.codec import ChunkError, ChunkErrorReason, KVGeometry, decode_chunk
+from kvtransfer.codec import (
+    ChunkError,
+    ChunkErrorReason,
+    KVGeometry,
+    chunk_num_bytes,
+    decode_chunk,
+)
 
 log = logging.getLogger(__name__)
 
 # write(request_id, layer_start, layer_end, token_start, token_end, k, v)
 WriteKV = Callable[[str, int, int, int, int, torch.Tensor, torch.Tensor], None]
 
+# Reasons that refuse one Push stream and leave its transfer as it is.
 _STREAM_ONLY = {
     ChunkErrorReason.UNKNOWN_TRANSFER: grpc.StatusCode.NOT_FOUND,
     ChunkErrorReason.STALE_ATTEMPT: grpc.StatusCode.FAILED_PRECONDITION,
 }
+# The reasons on_failure can report, and those on_refusal reports for a stream refused on its own
+# (on_refusal may also see a failure reason, when the transfer had already ended).
+FAILURE_REASONS = tuple(r for r in ChunkErrorReason if r not in _STREAM_ONLY)
+REFUSAL_REASONS = tuple(_STREAM_ONLY)
+
+
+def _ignore(_value: object) -> None:
+    pass
 
 
 @dataclass
@@ -40,6 +60,7 @@ class Transfer:
     token_start: int  # tokens the decode worker already holds are not sent
     token_end: int  # the prompt length
     deadline: float
+    expected_at: float  # time.monotonic() at expect(): transfer time counts from the reservation
     attempt: int = -1  # the attempt whose chunks are being accepted; -1 before the first chunk
     next_token: list[int] = field(default_factory=list)  # per layer: the next expected position
 
@@ -60,15 +81,28 @@ class KVReceiver(kvtransfer_pb2_grpc.KVTransferServicer):
         write: WriteKV,
         on_complete: Callable[[str, int], None],
         on_failed: Callable[[str, ChunkError], None],
-        on_bytes: Callable[[int], None] = lambda n: None,
+        on_bytes: Callable[[int], None] = _ignore,
+        on_seconds: Callable[[float], None] = _ignore,
+        on_failure: Callable[[ChunkErrorReason], None] = _ignore,
+        on_refusal: Callable[[ChunkErrorReason], None] = _ignore,
         lease_s: float = 30.0,
+        vocab_size: int | None = None,
     ) -> None:
+        """write, on_complete and on_failed act on the request; a last chunk whose first token
+        is outside [0, vocab_size) fails the transfer before on_complete. The metric hooks only count:
+        on_bytes(KV bytes written: payload and scales), on_seconds(expect() to the last chunk
+        written, once per completed transfer), on_failure(reason, once per failed transfer),
+        on_refusal(reason, once per Push refused without failing a transfer)."""
         self.geometry = geometry
         self._write = write
         self._on_complete = on_complete
         self._on_failed = on_failed
         self._on_bytes = on_bytes
+        self._on_seconds = on_seconds
+        self._on_failure = on_failure
+        self._on_refusal = on_refusal
         self.lease_s = lease_s
+        self.vocab_size = vocab_size
         self._transfers: dict[str, Transfer] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -79,9 +113,10 @@ class KVReceiver(kvtransfer_pb2_grpc.KVTransferServicer):
         with self._lock:
             if transfer_id in self._transfers:
                 raise ValueError(f"transfer {transfer_id} is already expected")
+            now = time.monotonic()
             self._transfers[transfer_id] = Transfer(
                 transfer_id, request_id, token_start, token_end,
-                deadline=time.monotonic() + self.lease_s,
+                deadline=now + self.lease_s, expected_at=now,
                 next_token=[token_start] * self.geometry.num_layers,
             )
 
@@ -105,22 +140,18 @@ class KVReceiver(kvtransfer_pb2_grpc.KVTransferServicer):
             for chunk in request_iterator:
                 transfer = self._lookup(chunk.transfer_id)
                 self._accept(transfer, chunk)
-                num_bytes += len(chunk.payload)
+                num_bytes += chunk_num_bytes(chunk)
                 if chunk.last:
-                    if not transfer.complete:
-                        raise ChunkError(ChunkErrorReason.INCOMPLETE,
-                                         "last chunk arrived before all KV was received")
-                    with self._lock:
-                        self._transfers.pop(transfer.transfer_id, None)
-                    self._on_complete(transfer.request_id, chunk.first_token_id)
+                    self._complete(transfer, chunk.first_token_id)
                     return kvtransfer_pb2.PushAck(num_bytes=num_bytes)
             raise ChunkError(ChunkErrorReason.INCOMPLETE, "the stream ended without its last chunk")
         except ChunkError as err:
             # An unknown transfer or a stale attempt's late chunk refuses this stream only; any
             # other error fails the transfer, so the request ends instead of waiting for its lease.
             code = _STREAM_ONLY.get(err.reason)
-            if code is None and transfer is not None:
-                self._fail(transfer, err)
+            failed = code is None and transfer is not None and self._fail(transfer, err)
+            if not failed:
+                self._on_refusal(err.reason)
             context.abort(code or grpc.StatusCode.INVALID_ARGUMENT, f"KV transfer rejected: {err}")
         except grpc.RpcError:
             # the sender went away mid-stream; the lease frees the reservation unless it retries
@@ -159,15 +190,33 @@ class KVReceiver(kvtransfer_pb2_grpc.KVTransferServicer):
             raise ChunkError(ChunkErrorReason.BAD_RANGE, str(exc)) from exc
         for layer in range(chunk.layer_start, chunk.layer_end):
             transfer.next_token[layer] = chunk.token_end
-        self._on_bytes(len(chunk.payload))
+        self._on_bytes(chunk_num_bytes(chunk))
 
-    def _fail(self, transfer: Transfer, err: ChunkError) -> None:
+    def _complete(self, transfer: Transfer, first_token_id: int) -> None:
+        if not transfer.complete:
+            raise ChunkError(ChunkErrorReason.INCOMPLETE,
+                             "last chunk arrived before all KV was received")
+        if self.vocab_size is not None and not 0 <= first_token_id < self.vocab_size:
+            raise ChunkError(ChunkErrorReason.BAD_RANGE,
+                             f"first_token_id {first_token_id} is outside [0, {self.vocab_size})")
         with self._lock:
             if self._transfers.pop(transfer.transfer_id, None) is None:
-                return  # already completed, cancelled or failed
+                # the lease ran out (or the request was aborted) while the last chunk was written
+                raise ChunkError(ChunkErrorReason.UNKNOWN_TRANSFER,
+                                 f"transfer {transfer.transfer_id!r} ended before its last chunk")
+        self._on_seconds(time.monotonic() - transfer.expected_at)
+        self._on_complete(transfer.request_id, first_token_id)
+
+    def _fail(self, transfer: Transfer, err: ChunkError) -> bool:
+        """Fail transfer unless it has already left the table; True if this call failed it."""
+        with self._lock:
+            if self._transfers.pop(transfer.transfer_id, None) is None:
+                return False  # already completed, cancelled or failed
         log.warning("request_id=%s: KV transfer %s failed: %s",
                     transfer.request_id, transfer.transfer_id, err)
+        self._on_failure(err.reason)
         self._on_failed(transfer.request_id, err)
+        return True
 
     def _reap(self) -> None:
         while not self._stop.wait(0.2):

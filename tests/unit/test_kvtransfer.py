@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvtransfer.codec import ChunkError, ChunkErrorReason, KVGeometry, decode_chunk, encode_chunk
-from kvtransfer.receiver import KVReceiver
+from kvtransfer.receiver import FAILURE_REASONS, REFUSAL_REASONS, KVReceiver
 from kvtransfer.sender import iter_chunks
 
 pytestmark = pytest.mark.unit
@@ -67,7 +67,7 @@ class FakeContext:
         self.code = None
 
     def abort(self, code, details):
-        self.code = code
+        self.code, self.details = code, details
         raise grpc.RpcError(details)
 
 
@@ -80,17 +80,24 @@ class Sink:
         self.completed: list[tuple[str, int]] = []
         self.failed: list[tuple[str, ChunkErrorReason]] = []
         self.done = threading.Event()
+        # what the metric hooks saw
+        self.num_bytes: list[int] = []
+        self.seconds: list[float] = []
+        self.failures: list[ChunkErrorReason] = []
+        self.refusals: list[ChunkErrorReason] = []
 
     def write(self, rid, l0, l1, t0, t1, k, v):
         self.k[l0:l1, t0:t1] = k
         self.v[l0:l1, t0:t1] = v
 
-    def receiver(self, lease_s: float = 30.0) -> KVReceiver:
+    def receiver(self, lease_s: float = 30.0, vocab_size: int | None = None) -> KVReceiver:
         return KVReceiver(
             GEOM, write=self.write,
             on_complete=lambda rid, tok: (self.completed.append((rid, tok)), self.done.set()),
             on_failed=lambda rid, err: (self.failed.append((rid, err.reason)), self.done.set()),
-            lease_s=lease_s,
+            on_bytes=self.num_bytes.append, on_seconds=self.seconds.append,
+            on_failure=self.failures.append, on_refusal=self.refusals.append,
+            lease_s=lease_s, vocab_size=vocab_size,
         )
 
 
@@ -148,6 +155,22 @@ def test_receiver_refuses_corrupt_chunk_and_fails_only_that_transfer():
     with pytest.raises(grpc.RpcError):
         rx.Push(iter(chunks[:1]), ctx)
     assert ctx.code == grpc.StatusCode.NOT_FOUND
+    rx.close()
+
+
+def test_receiver_fails_a_first_token_outside_the_vocabulary_before_committing():
+    k, v = kv(GEOM.num_layers, 4)
+    sink = Sink(4)
+    rx = sink.receiver(vocab_size=100)
+    rx.expect("t1", "req", 0, 4)
+    ctx = FakeContext()
+    with pytest.raises(grpc.RpcError):
+        rx.Push(iter(chunks_for(k, v, 0, 4, first_token=100)), ctx)
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and "first_token_id 100" in ctx.details
+    assert sink.failed == [("req", ChunkErrorReason.BAD_RANGE)] and sink.completed == []
+    rx.expect("t1", "req2", 0, 4)  # the failed transfer is gone; the id is free again
+    rx.Push(iter(chunks_for(k, v, 0, 4, first_token=99)), FakeContext())
+    assert sink.completed == [("req2", 99)]
     rx.close()
 
 
@@ -220,4 +243,114 @@ def test_cancel_request_forgets_transfer_without_callback():
     assert rx.cancel_request("req")
     time.sleep(0.6)
     assert sink.failed == [] and sink.completed == []
+    rx.close()
+
+
+# -- metric hooks -------------------------------------------------------------------------------
+
+
+def refused(rx: KVReceiver, chunks) -> grpc.StatusCode:
+    ctx = FakeContext()
+    with pytest.raises(grpc.RpcError):
+        rx.Push(iter(chunks), ctx)
+    return ctx.code
+
+
+def test_completed_transfer_observes_its_seconds_once():
+    k, v = kv(GEOM.num_layers, 10)
+    sink = Sink(10)
+    rx = sink.receiver()
+    t0 = time.monotonic()
+    rx.expect("t1", "req", 2, 10)
+    time.sleep(0.05)  # the clock runs from the reservation, not from the first chunk
+    ack = rx.Push(iter(chunks_for(k, v, 2, 10)), FakeContext())
+    elapsed = time.monotonic() - t0
+    assert len(sink.seconds) == 1 and 0.05 <= sink.seconds[0] <= elapsed
+    assert sum(sink.num_bytes) == ack.num_bytes == 8 * GEOM.bytes_per_token
+    assert sink.failures == [] and sink.refusals == []
+    rx.close()
+
+
+def _corrupt(chunks, **fields):
+    for name, value in fields.items():
+        setattr(chunks[0], name, value)
+    return chunks[:1]
+
+
+# How to make a Push fail its transfer for each reason (the lease case has its own test).
+FAILING_PUSHES = {
+    ChunkErrorReason.BAD_RANGE: lambda chunks: chunks[1:2],  # skips the layer's first tokens
+    ChunkErrorReason.BAD_SHAPE: lambda chunks: _corrupt(chunks, payload=chunks[0].payload[:-4]),
+    ChunkErrorReason.BAD_COMPRESSION: lambda chunks: _corrupt(chunks, compression="zstd"),
+    ChunkErrorReason.CHECKSUM: lambda chunks: _corrupt(chunks, crc32=chunks[0].crc32 ^ 1),
+    ChunkErrorReason.INCOMPLETE: lambda chunks: chunks[:-1],  # the stream ends early
+}
+
+
+@pytest.mark.parametrize("reason", [r for r in FAILURE_REASONS if r is not ChunkErrorReason.EXPIRED])
+def test_each_failure_reason_counts_once(reason):
+    k, v = kv(GEOM.num_layers, 10)
+    sink = Sink(10)
+    rx = sink.receiver()
+    rx.expect("t1", "req", 0, 10)
+    assert refused(rx, FAILING_PUSHES[reason](chunks_for(k, v, 0, 10))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert sink.failures == [reason] and sink.failed == [("req", reason)]
+    # a retry of the failed transfer is refused on its own: no second failure
+    assert refused(rx, chunks_for(k, v, 0, 10, attempt=1)) == grpc.StatusCode.NOT_FOUND
+    assert sink.failures == [reason]
+    assert sink.refusals == [ChunkErrorReason.UNKNOWN_TRANSFER]
+    assert sink.seconds == [] and sink.completed == []
+    rx.close()
+
+
+def test_expired_lease_counts_one_failure():
+    sink = Sink(4)
+    rx = sink.receiver(lease_s=0.2)
+    rx.expect("t1", "req", 0, 4)
+    assert sink.done.wait(5)
+    time.sleep(0.5)  # the reaper keeps running: it must not count the transfer again
+    assert sink.failures == [ChunkErrorReason.EXPIRED]
+    assert sink.refusals == [] and sink.seconds == []
+    rx.close()
+
+
+def test_stream_only_refusals_are_not_failures():
+    assert set(REFUSAL_REASONS) == {ChunkErrorReason.UNKNOWN_TRANSFER,
+                                    ChunkErrorReason.STALE_ATTEMPT}
+    assert not set(REFUSAL_REASONS) & set(FAILURE_REASONS)
+    k, v = kv(GEOM.num_layers, 10)
+    sink = Sink(10)
+    rx = sink.receiver()
+    assert refused(rx, chunks_for(k, v, 0, 10)) == grpc.StatusCode.NOT_FOUND  # never expected
+    rx.expect("t1", "req", 0, 10)
+    assert refused(rx, chunks_for(k, v, 0, 10, attempt=1)[:1] + chunks_for(k, v, 0, 10)[:1]) \
+        == grpc.StatusCode.FAILED_PRECONDITION  # attempt 0 after attempt 1 began
+    assert sink.refusals == [ChunkErrorReason.UNKNOWN_TRANSFER, ChunkErrorReason.STALE_ATTEMPT]
+    assert sink.failures == [] and sink.failed == []
+    rx.Push(iter(chunks_for(k, v, 0, 10, attempt=2)), FakeContext())
+    assert sink.completed == [("req", 7)] and len(sink.seconds) == 1
+    assert sink.failures == []
+    rx.close()
+
+
+def test_transfer_cancelled_during_its_last_write_is_neither_completed_nor_failed():
+    k, v = kv(GEOM.num_layers, 10)
+    sink = Sink(10)
+    chunks = chunks_for(k, v, 0, 10)
+
+    def write(rid, l0, l1, t0, t1, k, v):
+        if l1 == GEOM.num_layers and t1 == 10:  # the last chunk: the request is aborted meanwhile
+            rx.cancel_request(rid)
+
+    rx = KVReceiver(
+        GEOM, write=write,
+        on_complete=lambda rid, tok: sink.completed.append((rid, tok)),
+        on_failed=lambda rid, err: sink.failed.append((rid, err.reason)),
+        on_seconds=sink.seconds.append, on_failure=sink.failures.append,
+        on_refusal=sink.refusals.append,
+    )
+    rx.expect("t1", "req", 0, 10)
+    assert refused(rx, chunks) == grpc.StatusCode.NOT_FOUND
+    assert sink.completed == [] and sink.failed == [] and sink.seconds == []
+    assert sink.failures == [] and sink.refusals == [ChunkErrorReason.UNKNOWN_TRANSFER]
     rx.close()
