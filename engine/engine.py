@@ -2,7 +2,8 @@
 
 Local request:   add_request -> step()* (first token after the prefill, then one per decode step)
 Prefill role:    add_request(prefill_only=True) -> step()* reports the first token, the request
-                 keeps its blocks -> read_kv(...)* -> release()
+                 keeps its blocks -> read_kv(...)* -> release(); or, to send the K/V while it is
+                 computed, stream_kv() right after add_request (engine/kv_stream.py)
 Decode role:     reserve (returns the prompt tokens already cached here) -> write_kv(...)* for the
                  rest -> commit(first_token) -> step()* reports tokens 1..
 abort() works in every state and frees the request's blocks.
@@ -27,6 +28,7 @@ import torch
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache, kv_bytes_per_token
+from engine.kv_stream import KVStream
 from engine.models.layers import rope_inv_freq
 from engine.models.llama import LlamaModel, ModelArgs
 from engine.radix_cache import KVEvent, RadixCache
@@ -186,7 +188,14 @@ class LLMEngine:
             item.num_new_tokens == 1 and item.seq.num_output_tokens > 0 and item.samples
             for item in scheduled
         )
-        sampled, logprobs = self.runner.execute(scheduled)
+        streams = [(item.seq.kv_stream, item.seq.num_computed_tokens + item.num_new_tokens)
+                   for item in scheduled if item.seq.kv_stream is not None]
+        on_layer = None
+        if streams:
+            def on_layer(layer: int) -> None:  # this layer's K/V of the pass is in the pool
+                for stream, num_tokens in streams:
+                    stream.publish(layer, num_tokens)
+        sampled, logprobs = self.runner.execute(scheduled, on_layer=on_layer)
         outputs = self.scheduler.update(scheduled, sampled, logprobs)
         self.last_step = StepTiming(
             is_prefill=is_prefill,
@@ -237,6 +246,17 @@ class LLMEngine:
 
     def release(self, request_id: str) -> None:
         self.scheduler.release(request_id)
+
+    def stream_kv(self, request_id: str) -> KVStream:
+        """A stream of the prefill-only request's K/V as each layer of each pass computes it,
+        for a reader on another thread; call it before the request's first step."""
+        seq = self.scheduler.requests.get(request_id)
+        if seq is None or not seq.prefill_only:
+            raise ValueError(f"request {request_id} is not a prefill_only request")
+        if seq.num_computed_tokens or seq.kv_stream is not None:
+            raise ValueError(f"request {request_id} has started already")
+        seq.kv_stream = KVStream(self.kv_cache, seq)
+        return seq.kv_stream
 
     # ------------------------------------------------------------------ decode role
     def reserve(

@@ -7,6 +7,8 @@ step (their last scheduled token).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.kv_cache import KVCache
@@ -25,10 +27,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, scheduled: list[ScheduledSequence]
+        self, scheduled: list[ScheduledSequence], on_layer: Callable[[int], None] | None = None
     ) -> tuple[list[int | None], list[TokenLogprob | None] | None]:
         """One forward pass; returns the sampled token per scheduled entry (None if none), and
-        their logprobs where requested (the list is None when no entry asked)."""
+        their logprobs where requested (the list is None when no entry asked). on_layer(i), if
+        given, is called as soon as decoder layer i has stored this pass's K/V."""
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
         batch = [scheduled[i] for i in order]
         input_ids: list[int] = []
@@ -43,7 +46,8 @@ class ModelRunner:
             query_lens, context_lens, block_tables, self.kv_cache.block_size, self.device
         )
         ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device)
-        hidden = self.model(ids, meta, self.kv_cache.k_caches, self.kv_cache.v_caches)  # [T, dim]
+        hidden = self.model(ids, meta, self.kv_cache.k_caches, self.kv_cache.v_caches,
+                            on_layer=on_layer)  # [T, dim]
 
         sampling_pos = [j for j, item in enumerate(batch) if item.samples]
         result: list[int | None] = [None] * len(scheduled)

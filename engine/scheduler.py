@@ -267,7 +267,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence) -> None:
         """Free the sequence's blocks and forget it."""
-        self._free_blocks(seq)
+        self._free_blocks(seq, "aborted" if seq.finish_reason is FinishReason.ABORT else "released")
         seq.status = RequestStatus.FINISHED
         self.requests.pop(seq.request_id, None)
 
@@ -277,7 +277,7 @@ class Scheduler:
             seq.request_id, seq.num_tokens,
         )
         self.stats.num_preemptions += 1
-        self._free_blocks(seq)
+        self._free_blocks(seq, "preempted (KV blocks exhausted)")
         seq.num_computed_tokens = 0
         seq.status = RequestStatus.WAITING
         self.waiting.appendleft(seq)
@@ -337,7 +337,9 @@ class Scheduler:
             )
         seq.cache_node = node
 
-    def _free_blocks(self, seq: Sequence) -> None:
+    def _free_blocks(self, seq: Sequence, why: str) -> None:
+        if seq.kv_stream is not None:  # first: a reader must be done with the blocks
+            seq.kv_stream.close(f"its KV blocks were freed: {why}")
         # In reverse: the deepest blocks reach the free list first and are evicted first.
         self.block_pool.free(reversed(seq.block_table))
         seq.block_table = []

@@ -11,6 +11,8 @@ cache under this sequence's own ids (num_cached_blocks counts them); they are th
 may be shared, and a block is registered only once its block_size tokens are all computed. The
 next registration continues from cache_node; it is reset when the blocks are freed.
 prefix_match is the last lookup of a waiting sequence, resumed on its next admission attempt.
+kv_stream (prefill-only requests whose K/V is sent while computed, engine/kv_stream.py) is
+closed whenever the blocks are freed.
 sampler_state is where the sampler keeps this sequence's running statistics between steps
 (engine/sampler.py); opaque here.
 """
@@ -18,9 +20,13 @@ sampler_state is where the sampler keeps this sequence's running statistics betw
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.radix_cache import PrefixMatch, RadixNode
 from engine.request import FinishReason, RequestStatus, SamplingParams
+
+if TYPE_CHECKING:
+    from engine.kv_stream import KVStream
 
 
 @dataclass(eq=False)
@@ -39,6 +45,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     sampler_state: dict[str, object] = field(default_factory=dict)
     num_cached_prompt_tokens: int | None = None  # prompt tokens the prefix cache held at admission
+    kv_stream: KVStream | None = None  # prefill-only: its K/V read out while computed
 
     @property
     def num_cached_blocks(self) -> int:

@@ -1,42 +1,66 @@
 """Prefill worker: Prefill.Prefill, Prefill.Abort, Prefill.GetLoad.
 
-Request lifecycle here: Prefill -> engine.add_request(prefill_only) -> the step that finishes the
-prompt yields the first token; the request keeps its blocks -> the KV of positions
-[num_skip_tokens, prompt length) is pushed to the decode worker at decode_address, layer by layer,
-the first token in the last chunk -> the blocks are released -> the reply carries the first token.
-Whatever happens (push failure, abort, the router gone), the blocks are released.
+Request lifecycle here: Prefill -> engine.add_request(prefill_only) + engine.stream_kv, and at once
+a push to the decode worker at decode_address: the KV of positions [num_skip_tokens, prompt length)
+goes out layer by layer as the engine computes it (layer l sent while layer l + 1 is computed;
+kvtransfer/sender.py) -> the step that finishes the prompt yields the first token, sent in the
+last chunk -> the blocks are released -> the reply carries the first token. Whatever happens (push
+failure, preemption, abort, the router gone), the push stops and the blocks are released.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
+from collections.abc import Iterator
 
 import grpc
 
-from baton.v1 import worker_pb2, worker_pb2_grpc
+from baton.v1 import kvtransfer_pb2, worker_pb2, worker_pb2_grpc
 from baton.wire import GRPC_OPTIONS, finish_to_proto, logprob_to_proto, sampling_from_proto
 from baton.worker import WorkerServer, abort_status, load_to_proto
+from engine.kv_stream import KVStream, KVStreamClosed
 from engine.loop import LoopStopped
 from engine.request import InvalidRequestError, RequestOutput
 from kvtransfer.codec import KVGeometry
-from kvtransfer.sender import iter_chunks, push_kv
+from kvtransfer.compression import check_compression
+from kvtransfer.sender import DEFAULT_CHUNK_BYTES, iter_chunks, push_kv
 
 log = logging.getLogger(__name__)
+
+
+# baton_kv_transfer_failures_total{reason} on a prefill worker: the gRPC status the decode worker
+# answered the push with, or "stopped" when this side ended it (the request was preempted or
+# failed, or the router went away).
+PUSH_FAILURE_REASONS = ("stopped", "unavailable", "deadline_exceeded", "invalid_argument",
+                        "not_found", "failed_precondition", "cancelled")
+
+
+class _PushStopped(RuntimeError):
+    """The first token will not come (the request failed, or the router went away)."""
 
 
 class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
     role = "prefill"
     service_names = ("baton.v1.Prefill",)
 
-    def __init__(self, *args, kv_push_timeout_s: float = 60.0, **kwargs) -> None:
+    def __init__(self, *args, kv_push_timeout_s: float = 60.0, kv_compression: str = "none",
+                 kv_chunk_bytes: int = DEFAULT_CHUNK_BYTES, **kwargs) -> None:
+        """kv_push_timeout_s bounds a push (prefill included) when the router set no deadline."""
+        check_compression(kv_compression)
+        if kv_chunk_bytes <= 0:
+            raise ValueError(f"kv_chunk_bytes must be > 0, got {kv_chunk_bytes}")
         self._kv_push_timeout_s = kv_push_timeout_s
+        self._kv_chunk_bytes = kv_chunk_bytes
+        self.kv_compression = kv_compression
         self._channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
         super().__init__(*args, **kwargs)
         mc = self.engine.model_config
         self.geometry = KVGeometry(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.engine.kv_dtype)
+        self.metrics.declare_kv_transfer_reasons(PUSH_FAILURE_REASONS, ())
 
     def _add_services(self, server: grpc.Server) -> None:
         worker_pb2_grpc.add_PrefillServicer_to_server(self, server)
@@ -74,31 +98,66 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
             outputs = self.loop.subscribe(rid)
         except ValueError as exc:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+
+        def add_streaming() -> KVStream:  # one call: no step may run between the two
+            self.engine.add_request(rid, prompt, sampling, prefill_only=True)
+            return self.engine.stream_kv(rid)
+
         try:
-            self.loop.call(self.engine.add_request, rid, prompt, sampling, prefill_only=True)
+            stream = self.loop.call(add_streaming)
         except Exception as exc:  # noqa: BLE001  refused up front, with the status abort_status picks
             self.loop.unsubscribe(rid)
+            with contextlib.suppress(LoopStopped):  # the call may still run after a timeout
+                self.loop.call(self.engine.abort, rid)
             code, message = abort_status(exc)
             context.abort(code, message)
-        try:
-            first = self._wait_first_token(rid, outputs, context)
-            if first is None:
-                return worker_pb2.PrefillResponse()  # the router went away; nothing to send
-            chunks = iter_chunks(
-                transfer_id=request.transfer_id, attempt=request.attempt, geometry=self.geometry,
-                token_start=request.num_skip_tokens, token_end=len(prompt),
-                read_kv=lambda l0, l1, t0, t1: self.loop.call(self.engine.read_kv, rid, l0, l1, t0, t1),
-                first_token_id=first.new_token_ids[0],
-            )
+        first: RequestOutput | None = None
+        stopped: str | None = None  # why this side stopped the push early
+
+        def first_token_id() -> int:
+            nonlocal first
+            event = self._next_output(outputs, context)
+            if not isinstance(event, RequestOutput):
+                raise _PushStopped("the router went away" if event is None else str(event))
+            first = event
+            return event.new_token_ids[0]
+
+        def chunks() -> Iterator[kvtransfer_pb2.KVChunk]:
+            # Ends the stream early (the decode worker then fails the transfer) rather than
+            # raising into gRPC's request-iterator thread.
+            nonlocal stopped
             try:
-                num_bytes = push_kv(self._channel(request.decode_address), chunks,
-                                    timeout=self._kv_push_timeout_s,
-                                    on_chunk=self.metrics.kv_transfer_bytes.inc)
+                yield from iter_chunks(
+                    transfer_id=request.transfer_id, attempt=request.attempt,
+                    geometry=self.geometry, token_start=request.num_skip_tokens,
+                    token_end=len(prompt), stream=stream, first_token_id=first_token_id,
+                    chunk_bytes=self._kv_chunk_bytes, compression=self.kv_compression,
+                    wait_timeout_s=timeout)
+            except (KVStreamClosed, TimeoutError, _PushStopped) as exc:
+                stopped = str(exc)
+            except Exception as exc:  # a bug: still never into gRPC's request-iterator thread
+                log.exception("request_id=%s: building KV chunks failed", rid)
+                stopped = f"building KV chunks failed: {type(exc).__name__}: {exc}"
+
+        timeout = context.time_remaining() or self._kv_push_timeout_s
+        failure = failure_code = None  # the decode worker's answer when the push failed
+        try:
+            try:
+                num_bytes = push_kv(self._channel(request.decode_address), chunks(),
+                                    timeout=timeout, on_chunk=self.metrics.kv_transfer_bytes.inc,
+                                    cancel_with=context)
             except grpc.RpcError as exc:
-                log.warning("request_id=%s: KV push to %s failed: %s", rid,
-                            request.decode_address, exc.details())
-                context.abort(grpc.StatusCode.UNAVAILABLE,
-                              f"KV push to the decode worker failed: {exc.details()}")
+                failure, failure_code = exc.details(), exc.code().name.lower()
+            if stopped is not None or failure_code is not None:
+                self.metrics.count_kv_transfer_failure(
+                    "stopped" if stopped is not None else failure_code)
+            if first is None and not context.is_active():
+                return worker_pb2.PrefillResponse()  # the router went away; nothing to answer
+            if stopped is not None or failure_code is not None:
+                why = stopped or f"KV push to the decode worker failed: {failure}"
+                log.warning("request_id=%s: push to %s stopped: %s", rid,
+                            request.decode_address, why)
+                context.abort(grpc.StatusCode.UNAVAILABLE, why)
             log.info("request_id=%s: prefilled %d tokens, pushed %d KV bytes", rid, len(prompt),
                      num_bytes)
             reply = worker_pb2.PrefillResponse(
@@ -116,18 +175,15 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
             except LoopStopped:
                 pass
 
-    def _wait_first_token(self, rid: str, outputs: queue.SimpleQueue,
-                          context: grpc.ServicerContext) -> RequestOutput | None:
+    def _next_output(self, outputs: queue.SimpleQueue,
+                     context: grpc.ServicerContext) -> RequestOutput | BaseException | None:
+        """The request's next output or error; None once the router has gone away."""
         while True:
             try:
-                event = outputs.get(timeout=1.0)
+                return outputs.get(timeout=1.0)
             except queue.Empty:
                 if not context.is_active():
                     return None
-                continue
-            if isinstance(event, RequestOutput):
-                return event
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(event))
 
     def Abort(self, request: worker_pb2.WorkerAbortRequest, context: grpc.ServicerContext):
         try:

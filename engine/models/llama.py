@@ -8,6 +8,7 @@ computed only for the rows the caller asks for (the last token of each sequence 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -169,15 +170,20 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         k_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, Hkv, head_dim]
         v_caches: list[torch.Tensor],
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Hidden states after the final norm: [T, dim]."""
+        """Hidden states after the final norm: [T, dim]. on_layer(i), if given, is called after
+        layer i (its K/V of this pass are in the pool by then)."""
         x = self.embed_tokens(input_ids)  # [T, dim]
         cos, sin = rope_cos_sin(meta.positions, self.inv_freq, x.dtype)  # [T, 1, head_dim]
         if (kernels := self._decode_layer_kernels(x, meta, k_caches[0])) is not None:
-            return self._decode_with_kernels(kernels, x, cos, sin, meta, k_caches, v_caches)
+            return self._decode_with_kernels(kernels, x, cos, sin, meta, k_caches, v_caches,
+                                             on_layer)
         residual = None
-        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
+        for i, (layer, k_cache, v_cache) in enumerate(zip(self.layers, k_caches, v_caches)):
             x, residual = layer(x, residual, cos, sin, k_cache, v_cache, meta)
+            if on_layer is not None:
+                on_layer(i)
         return self.norm(x, residual)[0]
 
     def _decode_layer_kernels(
@@ -194,7 +200,7 @@ class LlamaModel(nn.Module):
             return None
         return cpu_kernels.load()
 
-    def _decode_with_kernels(self, kernels, x, cos, sin, meta, k_caches, v_caches):
+    def _decode_with_kernels(self, kernels, x, cos, sin, meta, k_caches, v_caches, on_layer):
         """forward() for a batch of single-token sequences: one kernel call per layer (the same
         operations as DecoderLayer.forward, without a Python round trip between them)."""
         args = self.args
@@ -211,8 +217,10 @@ class LlamaModel(nn.Module):
                 for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches)
             ])
         residual = x  # the embeddings, a fresh tensor: updated in place, layer by layer
-        for layer_weights in self._kernel_layers[1]:
+        for i, layer_weights in enumerate(self._kernel_layers[1]):
             kernels.decode_layer(layer_weights, batch, residual)
+            if on_layer is not None:
+                on_layer(i)
         return self.norm(residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
