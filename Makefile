@@ -35,6 +35,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/kvtransfer.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,6 +4,7 @@
     baton status [--url http://127.0.0.1:8000] [--json]
     baton chat "What is the capital of France?" [--grpc-address 127.0.0.1:50051 | --url URL]
     baton bench engine [--only decode,batch,prefill,prefix] [--quick] [--out-dir DIR] ...
+    baton bench kvtransfer [--only wire,ttft,hidden,quality] [--quick] [--out-dir DIR] ...
 
 Heavy modules (ray, torch, cluster, the SDK) are imported inside the subcommands, so `baton --help`
 answers at once. Exit codes: 0 ok, 1 the command failed, 2 bad arguments or config.
@@ -129,11 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     from baton.bench.engine_config import add_engine_arguments  # torch-free: flags only
+    from baton.bench.kvtransfer_config import add_kvtransfer_arguments
 
     bench = commands.add_parser(
         "bench", help="run a benchmark; results go to docs/benchmarks/",
-        description="Run one of Baton's benchmarks on this machine. Each reports ratios against "
-        "the machine's own roofline and against HF transformers, measured in the same run.",
+        description="Run one of Baton's benchmarks on this machine. Each reports ratios measured "
+        "in one run: the engine against the machine's own roofline and HF transformers, the KV "
+        "transfer against an in-process copy and against local prefill.",
     )
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     bench_engine = benchmarks.add_parser(
@@ -142,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_arguments(bench_engine, default_out_dir=DEFAULT_BENCH_OUT_DIR)
     bench_engine.set_defaults(func=cmd_bench_engine)
+    bench_kvtransfer = benchmarks.add_parser(
+        "kvtransfer", help="KV transfer: loopback gRPC against an in-process copy, time to first "
+        "token disaggregated against local prefill, transfer hidden under prefill, int8 quality",
+    )
+    add_kvtransfer_arguments(bench_kvtransfer, default_out_dir=DEFAULT_BENCH_OUT_DIR)
+    bench_kvtransfer.set_defaults(func=cmd_bench_kvtransfer)
     return parser
 
 
@@ -308,6 +317,12 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     from baton.bench import engine_config
 
     return engine_config.main(args, shlex.join(["baton", *args.argv]))
+
+
+def cmd_bench_kvtransfer(args: argparse.Namespace) -> int:
+    from baton.bench import kvtransfer_config
+
+    return kvtransfer_config.main(args, shlex.join(["baton", *args.argv]))
 
 
 # ---- entry point --------------------------------------------------------------------------------

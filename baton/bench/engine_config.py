@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from baton.bench.options import count, parts_type
+
 PARTS = ("decode", "batch", "prefill", "prefix")
 DEFAULT_MODEL = "smollm2-135m-instruct"  # engine.weights.DEFAULT_MODEL (that module loads torch)
 DEFAULT_OUT_DIR = Path("docs") / "benchmarks"
@@ -87,23 +89,6 @@ class EngineBenchConfig:
         )
 
 
-def _parts(text: str) -> tuple[str, ...]:
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        raise argparse.ArgumentTypeError(
-            f"expected a comma-separated list of {', '.join(PARTS)}, got {text!r}")
-    return parts
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, default_out_dir: Path) -> None:
@@ -111,17 +96,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser, default_out_dir: Path)
     parser.description = DESCRIPTION
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="M",
                         help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
-    parser.add_argument("--only", type=_parts, default=PARTS, metavar="PARTS",
+    parser.add_argument("--only", type=parts_type(PARTS), default=PARTS, metavar="PARTS",
                         help=f"comma-separated parts to run: {','.join(PARTS)} (default all)")
     parser.add_argument("--quick", action="store_true",
                         help="a short smoke run: 16 tokens, one repeat, fewer sizes")
-    parser.add_argument("--tokens", type=_count, metavar="N",
+    parser.add_argument("--tokens", type=count, metavar="N",
                         help="new tokens per generation for decode and batch (default 64; "
                         "quick 16)")
-    parser.add_argument("--repeats", type=_count, metavar="N",
+    parser.add_argument("--repeats", type=count, metavar="N",
                         help="interleaved timed runs per measurement, the fastest counts "
                         "(default 3; quick 1)")
-    parser.add_argument("--threads", type=_count, metavar="N",
+    parser.add_argument("--threads", type=count, metavar="N",
                         help="torch threads (default: torch's default, all cores)")
     parser.add_argument("--cache-dir", type=Path, metavar="DIR",
                         help="prepared-model cache (default ~/.cache/baton/models)")

@@ -7,12 +7,10 @@ absent from it and from the report. A ratio that needs a missing number is None 
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from baton.bench.report import div, fmt, machine_summary
+from baton.bench.report import emit as emit_results
 
 RATIOS = {  # key -> what the markdown calls it
     "decode_over_memory_floor": "single-stream decode ÷ memory floor",
@@ -30,10 +28,6 @@ def _row(rows: list[dict], key: str, value: int) -> dict | None:
     return next((row for row in rows if row[key] == value), None)
 
 
-def _div(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def ratios(r: dict) -> dict:
     decode, batch = r.get("decode"), r.get("batch") or {}
     baton_rate = {row["concurrency"]: row["tokens_per_s"] for row in batch.get("baton", [])}
@@ -42,10 +36,10 @@ def ratios(r: dict) -> dict:
     prefix = r.get("prefix") or {}
     single = decode["baton"]["decode_tokens_per_s"] if decode else None
     return {
-        "decode_over_memory_floor": _div(single, r["memory_floor_tokens_per_s"]),
-        "decode_over_hf_batch1": _div(single, hf_rate.get(1)),
-        "batch32_over_hf_batch32": _div(baton_rate.get(32), hf_rate.get(32)),
-        "batch64_over_gemm_roofline": _div(baton_rate.get(64), r["gemm_roofline_tokens_per_s"]),
+        "decode_over_memory_floor": div(single, r["memory_floor_tokens_per_s"]),
+        "decode_over_hf_batch1": div(single, hf_rate.get(1)),
+        "batch32_over_hf_batch32": div(baton_rate.get(32), hf_rate.get(32)),
+        "batch64_over_gemm_roofline": div(baton_rate.get(64), r["gemm_roofline_tokens_per_s"]),
         "prefill512_over_gemm_roofline": prefill_512["ratio_to_gemm"] if prefill_512 else None,
         "prefix_prefill_role_cached_over_cold":
             (prefix.get("prefill_role") or {}).get("ratio_cached_over_cold"),
@@ -66,14 +60,6 @@ def hf_rows(r: dict) -> list[dict]:
     return sorted(rows, key=lambda row: row["batch_size"])
 
 
-def _fmt(value: float | bool | None, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "**no**"
-    return f"{value:.{digits}f}"
-
-
 def render_markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
@@ -88,15 +74,12 @@ def render_markdown(r: dict) -> str:
         "| ratio | value |",
         "|---|---:|",
     ]
-    lines += [f"| {label} | {_fmt(r['ratios'][key])} |" for key, label in RATIOS.items()]
+    lines += [f"| {label} | {fmt(r['ratios'][key])} |" for key, label in RATIOS.items()]
     lines += [
         "",
         "## Machine",
         "",
-        (f"- {m['cpu_count']} CPU cores, {m['torch_threads']} torch threads, {m['processor']}, "
-        f"torch {m['torch']}, Python {m['python']}; 1-minute load average "
-        f"{m['load_average_1m'][0]:.1f} before and {m['load_average_1m'][1]:.1f} after (others' "
-        "work shares the machine)."),
+        f"- {machine_summary(m)}",
         (f"- fp32 GEMM ({m['gemm_size']}² matmul): {m['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s. "
          f"Memory read (x.sum() over {m['read_bytes'] >> 20} MiB of float32): "
          f"{m['read_bytes_per_s'] / 1e9:.1f} GB/s. Each the best the machine showed in the run "
@@ -116,7 +99,7 @@ def render_markdown(r: dict) -> str:
         for name, label in (("baton", "Baton engine"), ("hf_generate", "HF generate, batch 1")):
             rate = d[name]["decode_tokens_per_s"]
             lines.append(f"| {label} | {rate:.1f} | {rate / r['memory_floor_tokens_per_s']:.2f} |")
-        lines += ["", f"Outputs token-identical: {_fmt(d['outputs_identical'])}."]
+        lines += ["", f"Outputs token-identical: {fmt(d['outputs_identical'])}."]
     if "batch" in r:
         b = r["batch"]
         baton = {row["concurrency"]: row["tokens_per_s"] for row in b["baton"]}
@@ -130,9 +113,9 @@ def render_markdown(r: dict) -> str:
         ]
         for size in sorted(set(baton) | set(hf)):
             lines.append(
-                f"| {size} | {_fmt(baton.get(size), 1)} | {_fmt(hf.get(size), 1)} | "
-                f"{_fmt(_div(baton.get(size), hf.get(size)))} | "
-                f"{_fmt(_div(baton.get(size), r['gemm_roofline_tokens_per_s']))} |")
+                f"| {size} | {fmt(baton.get(size), 1)} | {fmt(hf.get(size), 1)} | "
+                f"{fmt(div(baton.get(size), hf.get(size)))} | "
+                f"{fmt(div(baton.get(size), r['gemm_roofline_tokens_per_s']))} |")
     if r.get("prefill"):
         lines += [
             "", "## Prefill", "",
@@ -154,8 +137,8 @@ def render_markdown(r: dict) -> str:
         for role in ("prefill_role", "decode_role"):
             row = p[role]
             lines.append(f"| {role.replace('_', ' ')} | {row['num_cached_tokens']} | "
-                         f"{_fmt(row['cached_s'], 3)} | {row['cold_s']:.3f} | "
-                         f"{_fmt(row['ratio_cached_over_cold'])} |")
+                         f"{fmt(row['cached_s'], 3)} | {row['cold_s']:.3f} | "
+                         f"{fmt(row['ratio_cached_over_cold'])} |")
         lines += [f"\n{role.replace('_', ' ').capitalize()}: not available: {p[role]['reason']}."
                   for role in ("prefill_role", "decode_role") if not p[role]["available"]]
     lines += ["", METHOD, "",
@@ -258,16 +241,4 @@ def _plot_prefix(ax, r: dict) -> None:
 
 def emit(r: dict, out_dir: Path | None) -> None:
     """Print the markdown on stdout; write engine.json, .md and .png to out_dir if given."""
-    markdown = render_markdown(r)
-    sys.stdout.write(markdown)
-    sys.stdout.flush()
-    if out_dir is None:
-        logger.info("results not written (a partial or quick run); pass --out-dir to keep them")
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "engine.json").write_text(json.dumps(r, indent=2) + "\n")
-    (out_dir / "engine.md").write_text(markdown)
-    if render_plot(r, out_dir / "engine.png"):
-        logger.info("wrote %s/engine.{json,md,png}", out_dir)
-    else:
-        logger.info("wrote %s/engine.{json,md}", out_dir)
+    emit_results(r, out_dir, "engine", render_markdown(r), render_plot)

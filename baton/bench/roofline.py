@@ -44,6 +44,20 @@ def read_bytes_per_s(num_bytes: int = 256 << 20, num_repeats: int = 5) -> float:
     return x.numel() * 4 / best
 
 
+def copy_bytes_per_s(num_bytes: int = 64 << 20, num_repeats: int = 5) -> float:
+    """Best rate of dst.copy_(src) over num_bytes of float32 into a preallocated tensor, counted
+    in bytes copied (each is read once and written once)."""
+    src = torch.ones(num_bytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: pages of dst touched
+    best = float("inf")
+    for _ in range(num_repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return src.numel() * 4 / best
+
+
 def machine_info() -> dict:
     return {
         "cpu_count": os.cpu_count(),
