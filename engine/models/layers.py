@@ -86,10 +86,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2] (float32) for default, linear and llama3 rope."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim)
-    )
+    """Inverse frequencies [head_dim // 2] (float32, on the CPU) for default, linear and llama3
+    rope. Always on the CPU, even inside a meta-device context: meta arithmetic loads torch's
+    compiler stack (~2 s); the caller moves the result."""
+    positions = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
+    inv_freq = 1.0 / (theta ** (positions.to(torch.float) / head_dim))
     rope_type = (rope_scaling or {}).get("rope_type") or (rope_scaling or {}).get("type") or "default"
     if rope_type == "default":
         return inv_freq

@@ -144,7 +144,11 @@ class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        # The checkpoint fills every weight: no random init (on the meta device, where the engine
+        # builds the model, Embedding's normal_ alone loads torch's compiler stack: ~2 s).
+        self.embed_tokens = nn.Embedding(
+            args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim)
+        )
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = make_linear(args.dim, args.vocab_size)
