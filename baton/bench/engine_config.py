@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from baton.bench.options import count, parts_type
+from baton.bench.options import add_common_arguments, count, finish_config, run_benchmark
 
 PARTS = ("decode", "batch", "prefill", "prefix")
 DEFAULT_MODEL = "smollm2-135m-instruct"  # engine.weights.DEFAULT_MODEL (that module loads torch)
@@ -89,60 +87,29 @@ class EngineBenchConfig:
         )
 
 
-
-
 def add_engine_arguments(parser: argparse.ArgumentParser, default_out_dir: Path) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = DESCRIPTION
-    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="M",
-                        help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
-    parser.add_argument("--only", type=parts_type(PARTS), default=PARTS, metavar="PARTS",
-                        help=f"comma-separated parts to run: {','.join(PARTS)} (default all)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a short smoke run: 16 tokens, one repeat, fewer sizes")
+    add_common_arguments(
+        parser, description=DESCRIPTION, parts=PARTS, default_model=DEFAULT_MODEL,
+        default_out_dir=default_out_dir, results="engine.json, engine.md and engine.png",
+        quick_help="a short smoke run: 16 tokens, one repeat, fewer sizes",
+        threads_help="torch threads (default: torch's default, all cores)")
     parser.add_argument("--tokens", type=count, metavar="N",
                         help="new tokens per generation for decode and batch (default 64; "
                         "quick 16)")
-    parser.add_argument("--repeats", type=count, metavar="N",
-                        help="interleaved timed runs per measurement, the fastest counts "
-                        "(default 3; quick 1)")
-    parser.add_argument("--threads", type=count, metavar="N",
-                        help="torch threads (default: torch's default, all cores)")
-    parser.add_argument("--cache-dir", type=Path, metavar="DIR",
-                        help="prepared-model cache (default ~/.cache/baton/models)")
-    parser.add_argument("--out-dir", type=Path, metavar="DIR",
-                        help=f"where engine.json, engine.md and engine.png go (default "
-                        f"{default_out_dir} for a full run; --quick and --only write nothing "
-                        "unless given this)")
-    parser.set_defaults(default_out_dir=default_out_dir)
 
 
 def config_from_args(args: argparse.Namespace, command_line: str) -> EngineBenchConfig:
     config = EngineBenchConfig(model=args.model, parts=args.only, num_threads=args.threads,
                                cache_dir=args.cache_dir, command=command_line)
-    if args.quick:
-        config = config.quick()
-    if args.tokens is not None:
-        config = dataclasses.replace(config, num_new_tokens=args.tokens)
-    if args.repeats is not None:
-        config = dataclasses.replace(config, num_repeats=args.repeats)
-    full = set(config.parts) == set(PARTS) and not args.quick
-    out_dir = args.out_dir or (args.default_out_dir if full else None)
-    return dataclasses.replace(config, out_dir=out_dir)
+    return finish_config(config, args, PARTS, num_new_tokens=args.tokens)
 
 
 def main(args: argparse.Namespace, command_line: str) -> int:
     """Run the engine benchmark from parsed arguments; exit code 0, 1 (failed) or 2 (bad value)."""
-    try:
-        config = config_from_args(args, command_line)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from baton.bench.engine import run
 
-    try:
-        run(config)
-    except (ValueError, RuntimeError) as exc:
-        logging.getLogger(__name__).error("engine benchmark failed: %s", exc)
-        return 1
-    return 0
+    def load_run():
+        from baton.bench.engine import run
+
+        return run
+
+    return run_benchmark("engine", lambda: config_from_args(args, command_line), load_run)

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from baton.bench.engine_config import DEFAULT_MODEL
-from baton.bench.options import count, parts_type
+from baton.bench.options import add_common_arguments, finish_config, run_benchmark
 
 PARTS = ("wire", "ttft", "hidden", "quality")
 # The wire part's KV geometry: SmolLM2-135M's (layers, KV heads, head_dim), float32.
@@ -93,58 +91,28 @@ def wire_bytes_per_token() -> int:
     return num_layers * 2 * num_kv_heads * head_dim * 4  # K and V, float32
 
 
-_parts = parts_type(PARTS)
-
-
 def add_kvtransfer_arguments(parser: argparse.ArgumentParser, default_out_dir: Path) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = DESCRIPTION
-    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="M",
-                        help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
-    parser.add_argument("--only", type=_parts, default=PARTS, metavar="PARTS",
-                        help=f"comma-separated parts to run: {','.join(PARTS)} (default all)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a short smoke run: one repeat, a 16 MiB push, 256- and 1024-token "
-                        "prompts, 2 quality prompts of 8 tokens")
-    parser.add_argument("--repeats", type=count, metavar="N",
-                        help="interleaved timed runs per measurement, the fastest counts "
-                        "(default 3; quick 1)")
-    parser.add_argument("--threads", type=count, metavar="N",
-                        help="torch threads of every engine (default: torch's default, all cores)")
-    parser.add_argument("--cache-dir", type=Path, metavar="DIR",
-                        help="prepared-model cache (default ~/.cache/baton/models)")
-    parser.add_argument("--out-dir", type=Path, metavar="DIR",
-                        help=f"where kvtransfer.json, kvtransfer.md and kvtransfer.png go (default "
-                        f"{default_out_dir} for a full run; --quick and --only write nothing "
-                        "unless given this)")
-    parser.set_defaults(default_out_dir=default_out_dir)
+    add_common_arguments(
+        parser, description=DESCRIPTION, parts=PARTS, default_model=DEFAULT_MODEL,
+        default_out_dir=default_out_dir, results="kvtransfer.json, kvtransfer.md and kvtransfer.png",
+        quick_help="a short smoke run: one repeat, a 16 MiB push, 256- and 1024-token prompts, "
+        "2 quality prompts of 8 tokens",
+        threads_help="torch threads of every engine (default: torch's default, all cores)")
 
 
 def config_from_args(args: argparse.Namespace, command_line: str) -> KVTransferBenchConfig:
     config = KVTransferBenchConfig(model=args.model, parts=args.only, num_threads=args.threads,
                                    cache_dir=args.cache_dir, command=command_line)
-    if args.quick:
-        config = config.quick()
-    if args.repeats is not None:
-        config = dataclasses.replace(config, num_repeats=args.repeats)
-    full = set(config.parts) == set(PARTS) and not args.quick
-    out_dir = args.out_dir or (args.default_out_dir if full else None)
-    return dataclasses.replace(config, out_dir=out_dir)
+    return finish_config(config, args, PARTS)
 
 
 def main(args: argparse.Namespace, command_line: str) -> int:
     """Run the KV transfer benchmark from parsed arguments; exit code 0, 1 (failed) or 2 (bad
     value)."""
-    try:
-        config = config_from_args(args, command_line)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from baton.bench.kvtransfer import run
 
-    try:
-        run(config)
-    except (ValueError, RuntimeError) as exc:
-        logging.getLogger(__name__).error("KV transfer benchmark failed: %s", exc)
-        return 1
-    return 0
+    def load_run():
+        from baton.bench.kvtransfer import run
+
+        return run
+
+    return run_benchmark("KV transfer", lambda: config_from_args(args, command_line), load_run)

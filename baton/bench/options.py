@@ -1,9 +1,17 @@
-"""Command-line value types the benchmarks share. Torch-free: `baton --help` imports this."""
+"""What the benchmarks' command lines share: value types, the common flags, the entry point.
+Torch-free: `baton --help` imports this."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+C = TypeVar("C")  # a benchmark's frozen config dataclass
 
 
 def count(text: str) -> int:
@@ -29,3 +37,65 @@ def parts_type(all_parts: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
         return chosen
 
     return parts
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    description: str,
+    parts: tuple[str, ...],
+    default_model: str,
+    default_out_dir: Path,
+    results: str,
+    quick_help: str,
+    threads_help: str,
+) -> None:
+    """The flags every benchmark takes (a benchmark adds its own after them); results names the
+    files a run writes, e.g. "engine.json, engine.md and engine.png"."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = description
+    parser.add_argument("--model", default=default_model, metavar="M",
+                        help=f"model name, .gguf file or HF directory (default {default_model})")
+    parser.add_argument("--only", type=parts_type(parts), default=parts, metavar="PARTS",
+                        help=f"comma-separated parts to run: {','.join(parts)} (default all)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--repeats", type=count, metavar="N",
+                        help="interleaved timed runs per measurement, the fastest counts "
+                        "(default 3; quick 1)")
+    parser.add_argument("--threads", type=count, metavar="N", help=threads_help)
+    parser.add_argument("--cache-dir", type=Path, metavar="DIR",
+                        help="prepared-model cache (default ~/.cache/baton/models)")
+    parser.add_argument("--out-dir", type=Path, metavar="DIR",
+                        help=f"where {results} go (default {default_out_dir} for a full run; "
+                        "--quick and --only write nothing unless given this)")
+    parser.set_defaults(default_out_dir=default_out_dir)
+
+
+def finish_config(config: C, args: argparse.Namespace, parts: tuple[str, ...], **flags) -> C:
+    """config with --quick, then the benchmark's own flags (field=value, None = not given),
+    --repeats and the output directory applied: a full run writes to the default directory, a
+    partial one (--only, --quick) only where --out-dir says, so it never overwrites the committed
+    results of a full run."""
+    if args.quick:
+        config = config.quick()
+    flags["num_repeats"] = args.repeats
+    config = dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
+    full = set(config.parts) == set(parts) and not args.quick
+    return dataclasses.replace(config, out_dir=args.out_dir or (args.default_out_dir if full else None))
+
+
+def run_benchmark(name: str, make_config: Callable[[], C],
+                  load_run: Callable[[], Callable[[C], object]]) -> int:
+    """Build the config, then import and run the measuring code; the exit code: 0, 1 (the run
+    failed) or 2 (a bad value)."""
+    try:
+        config = make_config()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        load_run()(config)
+    except (ValueError, RuntimeError) as exc:
+        logging.getLogger(__name__).error("%s benchmark failed: %s", name, exc)
+        return 1
+    return 0
