@@ -13,7 +13,13 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from baton.bench.options import add_common_arguments, count, finish_config, run_benchmark
+from baton.bench.options import (
+    add_common_arguments,
+    check_parts,
+    count,
+    finish_config,
+    run_benchmark,
+)
 
 PARTS = ("decode", "batch", "prefill", "prefix")
 DEFAULT_MODEL = "smollm2-135m-instruct"  # engine.weights.DEFAULT_MODEL (that module loads torch)
@@ -61,10 +67,7 @@ class EngineBenchConfig:
     command: str = ""  # the command line, recorded in the results
 
     def __post_init__(self) -> None:
-        unknown = [p for p in self.parts if p not in PARTS]
-        if unknown or not self.parts:
-            raise ValueError(f"parts must be a non-empty subset of {', '.join(PARTS)}, "
-                             f"got {', '.join(self.parts) or 'none'}")
+        check_parts(self.parts, PARTS)
         for name in ("num_new_tokens", "num_repeats", "num_prefix_tokens", "num_suffix_tokens",
                      "gemm_size", "read_bytes", "kv_cache_memory_bytes"):
             if getattr(self, name) <= 0:

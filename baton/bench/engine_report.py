@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from baton.bench.report import div, fmt, machine_summary
+from baton.bench.report import div, fmt, machine_summary, plot_panels
 from baton.bench.report import emit as emit_results
 
 RATIOS = {  # key -> what the markdown calls it
@@ -169,24 +169,9 @@ METHOD = """\
 
 def render_plot(r: dict, path: Path) -> bool:
     """Draw engine.png; False when the run has nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [name for name in ("batch", "prefill", "prefix") if r.get(name)]
-    if "decode" in r and "batch" not in panels:
-        panels.insert(0, "batch")
-    if not panels:
-        return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        {"batch": _plot_decode, "prefill": _plot_prefill, "prefix": _plot_prefix}[panel](ax, r)
-    fig.suptitle(f"{Path(r['model']).name}, float32, {r['machine']['cpu_count']} CPU cores")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    plots = {"batch": _plot_decode, "prefill": _plot_prefill, "prefix": _plot_prefix}
+    names = [name for name in plots if r.get(name) or (name == "batch" and "decode" in r)]
+    return plot_panels(r, path, [(name, plots[name]) for name in names])
 
 
 def _plot_decode(ax, r: dict) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from baton.bench.engine_config import DEFAULT_MODEL
-from baton.bench.options import add_common_arguments, finish_config, run_benchmark
+from baton.bench.options import add_common_arguments, check_parts, finish_config, run_benchmark
 
 PARTS = ("wire", "ttft", "hidden", "quality")
 # The wire part's KV geometry: SmolLM2-135M's (layers, KV heads, head_dim), float32.
@@ -63,10 +63,7 @@ class KVTransferBenchConfig:
     command: str = ""  # the command line, recorded in the results
 
     def __post_init__(self) -> None:
-        unknown = [p for p in self.parts if p not in PARTS]
-        if unknown or not self.parts:
-            raise ValueError(f"parts must be a non-empty subset of {', '.join(PARTS)}, "
-                             f"got {', '.join(self.parts) or 'none'}")
+        check_parts(self.parts, PARTS)
         for name in ("num_repeats", "wire_bytes", "quality_num_prompts", "quality_num_tokens",
                      "kv_cache_memory_bytes"):
             if getattr(self, name) <= 0:

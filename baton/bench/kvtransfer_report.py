@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from baton.bench.report import div, fmt, machine_summary
+from baton.bench.report import div, fmt, machine_summary, plot_panels
 from baton.bench.report import emit as emit_results
 
 HEADLINE_LENS = (256, 1024, 2048)
@@ -195,22 +195,8 @@ def _quality_section(q: dict) -> list[str]:
 
 def render_plot(r: dict, path: Path) -> bool:
     """Draw kvtransfer.png; False when the run has nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [name for name in ("ttft", "wire", "hidden") if r.get(name)]
-    if not panels:
-        return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        {"ttft": _plot_ttft, "wire": _plot_wire, "hidden": _plot_hidden}[panel](ax, r)
-    fig.suptitle(f"{Path(r['model']).name}, float32, {r['machine']['cpu_count']} CPU cores")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    plots = {"ttft": _plot_ttft, "wire": _plot_wire, "hidden": _plot_hidden}
+    return plot_panels(r, path, [(name, plot) for name, plot in plots.items() if r.get(name)])
 
 
 def _plot_ttft(ax, r: dict) -> None:

@@ -39,6 +39,13 @@ def parts_type(all_parts: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     return parts
 
 
+def check_parts(parts: tuple[str, ...], all_parts: tuple[str, ...]) -> None:
+    """Raise ValueError unless parts is a non-empty subset of all_parts."""
+    if not parts or any(p not in all_parts for p in parts):
+        raise ValueError(f"parts must be a non-empty subset of {', '.join(all_parts)}, "
+                         f"got {', '.join(parts) or 'none'}")
+
+
 def add_common_arguments(
     parser: argparse.ArgumentParser,
     *,

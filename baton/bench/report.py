@@ -51,3 +51,23 @@ def machine_summary(m: dict) -> str:
             f"torch {m['torch']}, Python {m['python']}; 1-minute load average "
             f"{m['load_average_1m'][0]:.1f} before and {m['load_average_1m'][1]:.1f} after "
             "(others' work shares the machine).")
+
+
+def plot_panels(r: dict, path: Path, panels: list[tuple[str, Callable]]) -> bool:
+    """One row of plots, panel(ax, r) each, titled with the model and machine, saved to path;
+    False when there is no panel."""
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (_, panel) in zip(axes[0], panels):
+        panel(ax, r)
+    fig.suptitle(f"{Path(r['model']).name}, float32, {r['machine']['cpu_count']} CPU cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -38,6 +38,7 @@ from engine.config import ModelConfig
 from engine.request import SamplingParams
 from kvtransfer.codec import KVGeometry
 from kvtransfer.sender import iter_chunks
+from tests.integration.test_workers import wait_for
 from tests.support.models import hf_generate_greedy, tiny_model
 from tests.support.processes import WorkerProcess, WorkerProcesses
 
@@ -106,15 +107,6 @@ def generate(router, prompt: list[int]) -> list[int]:
 def slow_prompt(seed: int, length: int = SLOW_PROMPT_LEN) -> list[int]:
     """Distinct seeds differ in the first token, so no prompt hits another's cached blocks."""
     return [(7 * j + seed) % 300 + 3 for j in range(length)]
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def kill_mid_transfer(victim: WorkerProcess, receiver: WorkerProcess, num_bytes_before: float,
