@@ -102,10 +102,10 @@ def encode_chunk(
         (qk, k_scales), (qv, v_scales) = (quantize_int8(t, scale_block_tokens) for t in (k, v))
         chunk.compression = compression
         chunk.scale_block_tokens = scale_block_tokens
-        chunk.payload = _to_bytes(qk) + _to_bytes(qv)
-        chunk.scales = _to_bytes(k_scales) + _to_bytes(v_scales)
+        chunk.payload = _to_bytes(qk, qv)
+        chunk.scales = _to_bytes(k_scales, v_scales)
     else:
-        chunk.payload = _to_bytes(k) + _to_bytes(v)
+        chunk.payload = _to_bytes(k, v)
     chunk.crc32 = _checksum(chunk)
     return chunk
 
@@ -195,8 +195,9 @@ def _checksum(chunk: kvtransfer_pb2.KVChunk) -> int:
     return zlib.crc32(chunk.scales, zlib.crc32(chunk.payload))
 
 
-def _to_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+def _to_bytes(*tensors: torch.Tensor) -> bytes:
+    """The tensors' bytes back to back, copied once."""
+    return b"".join(t.detach().contiguous().cpu().view(torch.uint8).numpy().data for t in tensors)
 
 
 def _from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
