@@ -10,15 +10,15 @@ ttft     inprocess.running_cluster: a random prompt of each length through the r
          (baton.Client, max_tokens=1), timed at the client from the call to the first token;
          disaggregated (1 prefill + 1 decode worker) against local (a router that knows only the
          decode worker, which then prefills itself); the KV bytes the decode worker received
-hidden   per length: the prefill alone (add_request(prefill_only=True) to the first token on an
-         engine of the workers' EngineConfig, no router, no push) and the push of that length's
-         KV alone (a LoopbackKV of the model's geometry); kvtransfer_report.hidden_share
+hidden   per length: the push of that length's KV alone (a LoopbackKV of the model's geometry),
+         against how much disaggregated TTFT exceeds local TTFT (the ttft loop's figures);
+         kvtransfer_report.hidden_share
 quality  baton.bench.kv_quality.measure_int8_quality
 
 ttft and hidden share one loop: per repeat, per length, each measurement in turn (in reverse order
 every other repeat) on a fresh random prompt (nothing is ever cached), so others' work on a shared
-machine hits every side alike; each figure is the best of num_repeats. The workers, routers and the extra engine live in this process
-(and share its GIL); the router and the client talk gRPC over loopback as in a deployment.
+machine hits every side alike; each figure is the best of num_repeats. The workers and routers
+live in this process (and share its GIL); the router and the client talk gRPC over loopback as in a deployment.
 """
 
 from __future__ import annotations
@@ -33,13 +33,12 @@ from pathlib import Path
 import torch
 
 from baton.bench import kvtransfer_report, roofline
-from baton.bench.engine import random_prompt, time_to_first_token
+from baton.bench.engine import random_prompt
 from baton.bench.inprocess import MODEL_NAME, InProcessCluster, running_cluster
 from baton.bench.kvtransfer_config import KVTransferBenchConfig
 from baton.bench.loopback import LoopbackKV, measure_wire
 from baton.client import Client
 from engine.config import EngineConfig, ModelConfig
-from engine.engine import LLMEngine
 from engine.weights import resolve_model
 from kvtransfer.codec import KVGeometry
 
@@ -88,17 +87,11 @@ def client_ttft(client: Client, prompt: list[int]) -> tuple[float, int]:
     return first_s, num_cached
 
 
-def prefill_alone(engine: LLMEngine, prompt: list[int]) -> float:
-    request_id, seconds, _ = time_to_first_token(engine, prompt, prefill_only=True)
-    engine.release(request_id)
-    return seconds
-
-
 class _TTFTRun:
     """What the ttft and hidden parts time, side by side: measure(side, prompt) -> seconds.
 
-    Sides: disaggregated and local (client-side TTFT through either router), prefill_alone (the
-    extra engine) and transfer_alone (a loopback push of the prompt's KV)."""
+    Sides: disaggregated and local (client-side TTFT through either router), and for the hidden
+    part transfer_alone (a loopback push of the prompt's KV)."""
 
     def __init__(self, cluster: InProcessCluster, geometry: KVGeometry, max_tokens: int,
                  config: KVTransferBenchConfig, model_dir: Path) -> None:
@@ -108,25 +101,16 @@ class _TTFTRun:
                                                 model=MODEL_NAME, max_retries=0),
                         "local": Client(cluster.local.grpc_address, model=MODEL_NAME,
                                         max_retries=0)}
-        self.engine: LLMEngine | None = None
         self.wire: LoopbackKV | None = None
         if "hidden" in config.parts:
-            self.engine = LLMEngine(make_engine_config(model_dir, config))
             self.wire = LoopbackKV(geometry, max_tokens, seed=config.seed)
         self.num_cached_tokens = 0
         self.kv_bytes: dict[int, float | None] = {}
 
     def sides(self) -> list[str]:
-        names = ["disaggregated"]
-        if "ttft" in self.parts:
-            names.append("local")
-        if self.engine is not None:
-            names += ["prefill_alone", "transfer_alone"]
-        return names
+        return ["disaggregated", "local"] + (["transfer_alone"] if self.wire is not None else [])
 
     def measure(self, side: str, prompt: list[int]) -> float:
-        if side == "prefill_alone":
-            return prefill_alone(self.engine, prompt)
         if side == "transfer_alone":
             return self.wire.push(len(prompt))
         before = self.cluster.kv_bytes_received()
@@ -194,7 +178,7 @@ def measure_ttft(model_dir: Path, config: KVTransferBenchConfig) -> tuple[list, 
             logger.info("ttft: %d tokens: disaggregated %.3f s, local %.3f s (%.2fx), %.1f MB of "
                         "KV", n, disaggregated, local, disaggregated / local, kv_bytes / 1e6)
         if "hidden" in config.parts:
-            row = kvtransfer_report.hidden_row(n, kv_bytes, disaggregated, best["prefill_alone", n],
+            row = kvtransfer_report.hidden_row(n, kv_bytes, disaggregated, best["local", n],
                                                best["transfer_alone", n])
             hidden_rows.append(row)
             logger.info("hidden: %d tokens: transfer %.3f s, exposed %.3f s, hidden share %.2f",

@@ -34,7 +34,7 @@ Parts (all by default; pick some with --only):
            (disaggregated) against the same decode worker prefilling locally (a router that
            knows no prefill worker); the KV bytes each prompt moves
   hidden   the share of each prompt's KV transfer hidden under prefill compute:
-           1 - (disaggregated TTFT - the prefill alone) / (the push of that KV alone), in [0, 1]
+           1 - (disaggregated TTFT - local TTFT) / (the push of that KV alone), in [0, 1]
   quality  int8 KV against float32 KV (baton.bench.kv_quality): greedy agreement,
            largest logit difference, bytes ratio
 

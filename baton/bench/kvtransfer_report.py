@@ -29,22 +29,23 @@ STAGE_LABELS = {"encode": "encode (tensor to bytes, crc32, protobuf)",
                 "write": "write (copy into the preallocated tensor)"}
 
 
-def hidden_share(ttft_disaggregated_s: float, prefill_s: float, transfer_s: float) -> float | None:
-    """1 - exposed / transfer, clipped to [0, 1], where exposed = ttft_disaggregated - prefill:
-    1 when disaggregation adds nothing to the prefill alone, 0 when it adds the whole transfer
-    (or more). None when there is no transfer time to hide."""
+def hidden_share(ttft_disaggregated_s: float, ttft_local_s: float, transfer_s: float) -> float | None:
+    """1 - exposed / transfer, clipped to [0, 1], where exposed = ttft_disaggregated - ttft_local
+    (the same router path and the same prefill; disaggregation adds the reservation round trip
+    and whatever of the transfer is not hidden): 1 when disaggregation adds nothing, 0 when it
+    adds the whole transfer (or more). None when there is no transfer time to hide."""
     if not transfer_s > 0:
         return None
-    exposed = ttft_disaggregated_s - prefill_s
+    exposed = ttft_disaggregated_s - ttft_local_s
     return min(1.0, max(0.0, 1.0 - exposed / transfer_s))
 
 
-def hidden_row(num_tokens: int, kv_bytes: int, ttft_disaggregated_s: float, prefill_s: float,
+def hidden_row(num_tokens: int, kv_bytes: int, ttft_disaggregated_s: float, ttft_local_s: float,
                transfer_s: float) -> dict:
     return {"prompt_tokens": num_tokens, "kv_bytes": kv_bytes,
-            "ttft_disaggregated_s": ttft_disaggregated_s, "prefill_s": prefill_s,
-            "transfer_s": transfer_s, "exposed_s": ttft_disaggregated_s - prefill_s,
-            "hidden_share": hidden_share(ttft_disaggregated_s, prefill_s, transfer_s)}
+            "ttft_disaggregated_s": ttft_disaggregated_s, "ttft_local_s": ttft_local_s,
+            "transfer_s": transfer_s, "exposed_s": ttft_disaggregated_s - ttft_local_s,
+            "hidden_share": hidden_share(ttft_disaggregated_s, ttft_local_s, transfer_s)}
 
 
 def _row(rows: list[dict], value: int) -> dict | None:
@@ -113,20 +114,19 @@ def render_markdown(r: dict) -> str:
         lines += [
             "", "## Transfer hidden under prefill", "",
             ("transfer = the push of that prompt's KV alone (loopback gRPC into a KVReceiver, "
-             "the model's geometry); exposed = disaggregated TTFT - the prefill alone "
-             "(add_request(prefill_only=True) to the first token on an engine of the workers' "
-             "config: no router, no push); **hidden share = 1 - exposed / transfer**, clipped "
-             "to [0, 1]. 1: the transfer costs the first token nothing; 0: all of it (and the "
-             "routing round trips) adds to the prefill."), "",
-            ("| prompt tokens | KV (MB) | disaggregated TTFT (s) | prefill alone (s) | exposed (s) "
+             "the model's geometry); exposed = disaggregated TTFT - local TTFT (the same router "
+             "path and the same prefill, on the decode worker itself); **hidden share = 1 - "
+             "exposed / transfer**, clipped to [0, 1]. 1: the transfer costs the first token "
+             "nothing; 0: all of it (and the reservation round trip) adds to it."), "",
+            ("| prompt tokens | KV (MB) | disaggregated TTFT (s) | local TTFT (s) | exposed (s) "
              "| transfer alone (s) | hidden share |"), "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         lines += [f"| {h['prompt_tokens']} | {h['kv_bytes'] / 1e6:.1f} | "
-                  f"{h['ttft_disaggregated_s']:.3f} | {h['prefill_s']:.3f} | {h['exposed_s']:.3f} "
+                  f"{h['ttft_disaggregated_s']:.3f} | {h['ttft_local_s']:.3f} | {h['exposed_s']:.3f} "
                   f"| {h['transfer_s']:.3f} | {fmt(h['hidden_share'])} |" for h in r["hidden"]]
     if "quality" in r:
         lines += _quality_section(r["quality"])
-    lines += ["", ("Workers, routers and the extra engine run in one process on loopback (they "
+    lines += ["", ("Workers and routers run in one process on loopback (they "
                    "share its GIL); each timing is the best of the repeats, interleaved between "
                    "the sides compared."), "",
               "![time to first token, wire stages and hidden share](kvtransfer.png)", ""]
@@ -204,9 +204,6 @@ def _plot_ttft(ax, r: dict) -> None:
     lens = [row["prompt_tokens"] for row in rows]
     ax.plot(lens, [row["disaggregated_s"] for row in rows], "o-", label="disaggregated (1P + 1D)")
     ax.plot(lens, [row["local_s"] for row in rows], "s-", label="local prefill on D")
-    alone = {row["prompt_tokens"]: row["prefill_s"] for row in r.get("hidden", [])}
-    if alone:
-        ax.plot(sorted(alone), [alone[n] for n in sorted(alone)], "k:", label="prefill alone")
     ax.set(xscale="log", xlabel="prompt tokens", ylabel="seconds to first token",
            title="Time to first token", ylim=(0, None))
     ax.set_xticks(lens, [str(n) for n in lens])
@@ -231,7 +228,7 @@ def _plot_hidden(ax, r: dict) -> None:
     transfer = [row["transfer_s"] for row in rows]
     exposed = [max(row["exposed_s"], 0.0) for row in rows]
     ax.bar([i - 0.2 for i in x], transfer, 0.4, label="transfer alone")
-    ax.bar([i + 0.2 for i in x], exposed, 0.4, label="exposed: disaggregated TTFT - prefill alone")
+    ax.bar([i + 0.2 for i in x], exposed, 0.4, label="exposed: disaggregated - local TTFT")
     for i, row in zip(x, rows):
         ax.annotate(f"hidden {fmt(row['hidden_share'])}", (i, max(transfer[i], exposed[i])),
                     ha="center", va="bottom", fontsize=8)

@@ -45,7 +45,7 @@ def test_a_tiny_run_of_every_part(tmp_path, capsys):
         assert row["disaggregated_s"] > 0 and row["local_s"] > 0
     for row in result["hidden"]:
         assert 0 <= row["hidden_share"] <= 1
-        assert row["exposed_s"] == row["ttft_disaggregated_s"] - row["prefill_s"]
+        assert row["exposed_s"] == row["ttft_disaggregated_s"] - row["ttft_local_s"]
         assert row["transfer_s"] > 0
 
     quality = result["quality"]

@@ -50,22 +50,22 @@ def test_the_wire_geometry_is_smollm2s_and_the_quick_run_is_smaller():
 # ---- the hidden share ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ttft, prefill, transfer, share", [
+@pytest.mark.parametrize("ttft, local, transfer, share", [
     (1.5, 1.0, 2.0, 0.75),  # 0.5 s of a 2 s transfer exposed
-    (1.0, 1.0, 2.0, 1.0),  # nothing added to the prefill: all hidden
-    (0.75, 1.0, 2.0, 1.0),  # faster than the prefill alone (noise): clipped to 1
+    (1.0, 1.0, 2.0, 1.0),  # nothing added to the local TTFT: all hidden
+    (0.75, 1.0, 2.0, 1.0),  # faster than local (noise): clipped to 1
     (3.0, 1.0, 2.0, 0.0),  # the whole transfer added
     (4.0, 1.0, 2.0, 0.0),  # more than the transfer added (round trips): clipped to 0
     (1.5, 1.0, 0.0, None),  # nothing to hide
 ])
-def test_hidden_share_is_one_minus_exposed_over_transfer_clipped(ttft, prefill, transfer, share):
-    assert kvtransfer_report.hidden_share(ttft, prefill, transfer) == share
+def test_hidden_share_is_one_minus_exposed_over_transfer_clipped(ttft, local, transfer, share):
+    assert kvtransfer_report.hidden_share(ttft, local, transfer) == share
 
 
 def test_a_hidden_row_keeps_its_inputs_and_the_exposed_time():
     assert kvtransfer_report.hidden_row(2048, 94_371_840, 7.5, 6.0, 2.0) == {
         "prompt_tokens": 2048, "kv_bytes": 94_371_840, "ttft_disaggregated_s": 7.5,
-        "prefill_s": 6.0, "transfer_s": 2.0, "exposed_s": 1.5, "hidden_share": 0.25,
+        "ttft_local_s": 6.0, "transfer_s": 2.0, "exposed_s": 1.5, "hidden_share": 0.25,
     }
 
 
@@ -198,6 +198,6 @@ def test_the_script_help_explains_each_part_without_loading_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=repo)
     for word in ("wire", "ttft", "hidden", "quality", "--quick", "--only", "in-process copy",
-                 "1 - (disaggregated TTFT - the prefill alone)", "docs/benchmarks"):
+                 "1 - (disaggregated TTFT - local TTFT)", "docs/benchmarks"):
         assert word in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "False"
