@@ -14,7 +14,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -40,6 +40,33 @@ PUSH_FAILURE_REASONS = ("stopped", "unavailable", "deadline_exceeded", "invalid_
 
 class _PushStopped(RuntimeError):
     """The first token will not come (the request failed, or the router went away)."""
+
+
+class _GuardedPush:
+    """What one push shares with gRPC's request-iterator thread, which must see no exception:
+    guard(chunks) ends the iteration early on a stop on this side (the stream closed, a wait
+    timed out, no first token, a bug), so the decode worker fails the transfer, and keeps the
+    reason in `stopped`; first_token_id() waits for the request's first output and keeps it in
+    `first`, for the reply."""
+
+    def __init__(self, request_id: str, first_output: Callable[[], RequestOutput]) -> None:
+        self.request_id = request_id
+        self._first_output = first_output
+        self.stopped: str | None = None
+        self.first: RequestOutput | None = None
+
+    def first_token_id(self) -> int:
+        self.first = self._first_output()
+        return self.first.new_token_ids[0]
+
+    def guard(self, chunks: Iterator[kvtransfer_pb2.KVChunk]) -> Iterator[kvtransfer_pb2.KVChunk]:
+        try:
+            yield from chunks
+        except (KVStreamClosed, TimeoutError, _PushStopped) as exc:
+            self.stopped = str(exc)
+        except Exception as exc:  # a bug: still never into gRPC's request-iterator thread
+            log.exception("request_id=%s: building KV chunks failed", self.request_id)
+            self.stopped = f"building KV chunks failed: {type(exc).__name__}: {exc}"
 
 
 class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
@@ -111,53 +138,32 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
                 self.loop.call(self.engine.abort, rid)
             code, message = abort_status(exc)
             context.abort(code, message)
-        first: RequestOutput | None = None
-        stopped: str | None = None  # why this side stopped the push early
-
-        def first_token_id() -> int:
-            nonlocal first
-            event = self._next_output(outputs, context)
-            if not isinstance(event, RequestOutput):
-                raise _PushStopped("the router went away" if event is None else str(event))
-            first = event
-            return event.new_token_ids[0]
-
-        def chunks() -> Iterator[kvtransfer_pb2.KVChunk]:
-            # Ends the stream early (the decode worker then fails the transfer) rather than
-            # raising into gRPC's request-iterator thread.
-            nonlocal stopped
-            try:
-                yield from iter_chunks(
-                    transfer_id=request.transfer_id, attempt=request.attempt,
-                    geometry=self.geometry, token_start=request.num_skip_tokens,
-                    token_end=len(prompt), stream=stream, first_token_id=first_token_id,
-                    chunk_bytes=self._kv_chunk_bytes, compression=self.kv_compression,
-                    wait_timeout_s=timeout)
-            except (KVStreamClosed, TimeoutError, _PushStopped) as exc:
-                stopped = str(exc)
-            except Exception as exc:  # a bug: still never into gRPC's request-iterator thread
-                log.exception("request_id=%s: building KV chunks failed", rid)
-                stopped = f"building KV chunks failed: {type(exc).__name__}: {exc}"
-
         timeout = context.time_remaining() or self._kv_push_timeout_s
-        failure = failure_code = None  # the decode worker's answer when the push failed
+        push = _GuardedPush(rid, lambda: self._first_output(outputs, context))
+        chunks = iter_chunks(
+            transfer_id=request.transfer_id, attempt=request.attempt, geometry=self.geometry,
+            token_start=request.num_skip_tokens, token_end=len(prompt), stream=stream,
+            first_token_id=push.first_token_id, chunk_bytes=self._kv_chunk_bytes,
+            compression=self.kv_compression, wait_timeout_s=timeout)
         try:
             try:
-                num_bytes = push_kv(self._channel(request.decode_address), chunks(),
+                num_bytes = push_kv(self._channel(request.decode_address), push.guard(chunks),
                                     timeout=timeout, on_chunk=self.metrics.kv_transfer_bytes.inc,
                                     cancel_with=context)
-            except grpc.RpcError as exc:
-                failure, failure_code = exc.details(), exc.code().name.lower()
-            if stopped is not None or failure_code is not None:
+                failure = None
+            except grpc.RpcError as exc:  # the decode worker's answer, or this call's end
+                num_bytes, failure = 0, exc
+            if push.stopped is not None or failure is not None:
                 self.metrics.count_kv_transfer_failure(
-                    "stopped" if stopped is not None else failure_code)
-            if first is None and not context.is_active():
+                    "stopped" if push.stopped is not None else failure.code().name.lower())
+            if push.first is None and not context.is_active():
                 return worker_pb2.PrefillResponse()  # the router went away; nothing to answer
-            if stopped is not None or failure_code is not None:
-                why = stopped or f"KV push to the decode worker failed: {failure}"
+            if push.stopped is not None or failure is not None:
+                why = push.stopped or f"KV push to the decode worker failed: {failure.details()}"
                 log.warning("request_id=%s: push to %s stopped: %s", rid,
                             request.decode_address, why)
                 context.abort(grpc.StatusCode.UNAVAILABLE, why)
+            first = push.first
             log.info("request_id=%s: prefilled %d tokens, pushed %d KV bytes", rid, len(prompt),
                      num_bytes)
             reply = worker_pb2.PrefillResponse(
@@ -175,15 +181,20 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
             except LoopStopped:
                 pass
 
-    def _next_output(self, outputs: queue.SimpleQueue,
-                     context: grpc.ServicerContext) -> RequestOutput | BaseException | None:
-        """The request's next output or error; None once the router has gone away."""
+    @staticmethod
+    def _first_output(outputs: queue.SimpleQueue, context: grpc.ServicerContext) -> RequestOutput:
+        """Wait for the request's first output; raises _PushStopped if the request fails or the
+        router goes away first."""
         while True:
             try:
-                return outputs.get(timeout=1.0)
+                event = outputs.get(timeout=1.0)
             except queue.Empty:
                 if not context.is_active():
-                    return None
+                    raise _PushStopped("the router went away") from None
+                continue
+            if not isinstance(event, RequestOutput):
+                raise _PushStopped(str(event))
+            return event
 
     def Abort(self, request: worker_pb2.WorkerAbortRequest, context: grpc.ServicerContext):
         try:

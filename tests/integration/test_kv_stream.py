@@ -9,16 +9,20 @@ the output must stay token-identical to transformers.
 
 import threading
 import time
+import uuid
 
+import grpc
 import pytest
 import torch
 
+from baton.v1 import worker_pb2, worker_pb2_grpc
+from baton.wire import GRPC_OPTIONS, sampling_to_proto
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import LLMEngine
 from engine.kv_cache import kv_bytes_per_token
 from engine.kv_stream import KVStreamClosed
 from engine.request import SamplingParams
-from tests.integration.test_workers import GREEDY, disaggregated
+from tests.integration.test_workers import GREEDY, disaggregated, wait_for
 from tests.support.models import hf_generate_greedy, tiny_model
 from tests.support.workers import running_workers
 
@@ -135,3 +139,48 @@ def test_decode_worker_receives_kv_before_the_prefill_finishes():
     assert tokens == hf_generate_greedy(model_dir, PROMPT, GREEDY.max_tokens)
     assert first_write and first_token
     assert first_write[0] < first_token[0]
+
+
+def test_a_prefill_aborted_mid_push_stops_it_and_frees_both_sides():
+    """Abort reaches the prefill worker while it is still computing and pushing: its push stops
+    (counted as "stopped"), Prefill answers UNAVAILABLE, the decode worker fails the transfer,
+    and both free block counts return to their start values."""
+    model_dir = tiny_model(NAME)
+    with running_workers(model_dir, max_num_batched_tokens=16) as ([prefill], [decode]):
+        step = prefill.engine.step
+
+        def slow_step():  # five prefill steps of ~0.1 s: time to abort in between
+            time.sleep(0.1)
+            return step()
+
+        prefill.engine.step = slow_step
+        labels = {"model": "tiny", "role": "prefill", "worker": "prefill-0"}
+        stopped_before = prefill.registry.get_sample_value(
+            "baton_kv_transfer_failures_total", {**labels, "reason": "stopped"})
+        free_prefill, free_decode = prefill.load().num_free_blocks, decode.load().num_free_blocks
+        rid, transfer_id = uuid.uuid4().hex, uuid.uuid4().hex
+        with grpc.insecure_channel(decode.address, options=GRPC_OPTIONS) as d_chan, \
+                grpc.insecure_channel(prefill.address, options=GRPC_OPTIONS) as p_chan:
+            stream = worker_pb2_grpc.DecodeStub(d_chan).Generate(worker_pb2.DecodeRequest(
+                request_id=rid, prompt_token_ids=PROMPT, sampling=sampling_to_proto(GREEDY),
+                prefill_mode=worker_pb2.PREFILL_MODE_REMOTE, transfer_id=transfer_id), timeout=30)
+            assert next(stream).reserved.num_cached_tokens == 0
+            p_stub = worker_pb2_grpc.PrefillStub(p_chan)
+            call = p_stub.Prefill.future(worker_pb2.PrefillRequest(
+                request_id=rid, prompt_token_ids=PROMPT, sampling=sampling_to_proto(GREEDY),
+                transfer_id=transfer_id, decode_address=decode.address), timeout=30)
+            load = prefill.load
+            assert wait_for(lambda: load().num_running + load().num_waiting > 0)
+            time.sleep(0.15)  # a chunk or two computed and pushed
+            assert p_stub.Abort(worker_pb2.WorkerAbortRequest(request_id=rid), timeout=5).found
+            with pytest.raises(grpc.RpcError) as info:
+                call.result()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "freed: aborted" in info.value.details()
+            with pytest.raises(grpc.RpcError) as info:
+                list(stream)
+            assert info.value.code() == grpc.StatusCode.ABORTED
+        assert prefill.registry.get_sample_value(
+            "baton_kv_transfer_failures_total", {**labels, "reason": "stopped"}) == stopped_before + 1
+        assert wait_for(lambda: prefill.load().num_free_blocks == free_prefill)
+        assert wait_for(lambda: decode.load().num_free_blocks == free_decode)
