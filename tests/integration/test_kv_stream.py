@@ -184,3 +184,33 @@ def test_a_prefill_aborted_mid_push_stops_it_and_frees_both_sides():
             "baton_kv_transfer_failures_total", {**labels, "reason": "stopped"}) == stopped_before + 1
         assert wait_for(lambda: prefill.load().num_free_blocks == free_prefill)
         assert wait_for(lambda: decode.load().num_free_blocks == free_decode)
+
+
+def test_a_decode_worker_without_room_refuses_the_reservation():
+    """Backpressure: with its pool held by one reservation, a decode worker answers a second
+    with RESOURCE_EXHAUSTED at once (nothing reserved, nothing waiting), and takes it again once
+    the first is gone."""
+    model_dir = tiny_model(NAME)
+    mc = ModelConfig.from_dir(model_dir)
+    block_bytes = 16 * kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim,
+                                          torch.float32)
+    with running_workers(model_dir, kv_cache_memory_bytes=6 * block_bytes) as (_, [decode]):
+
+        def reserve(chan, prompt):
+            return worker_pb2_grpc.DecodeStub(chan).Generate(worker_pb2.DecodeRequest(
+                request_id=uuid.uuid4().hex, prompt_token_ids=prompt,
+                sampling=sampling_to_proto(GREEDY), prefill_mode=worker_pb2.PREFILL_MODE_REMOTE,
+                transfer_id=uuid.uuid4().hex), timeout=10)
+
+        with grpc.insecure_channel(decode.address, options=GRPC_OPTIONS) as chan:
+            first = reserve(chan, PROMPT[:64])  # 4 of the 6 blocks
+            assert next(first).HasField("reserved")
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                next(reserve(chan, PROMPT[1:65]))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() - start < 2 and "KV blocks" in info.value.details()
+            assert decode.load().num_waiting == 1  # only the first reservation
+            first.cancel()
+            assert wait_for(lambda: decode.load().num_free_blocks == 6)
+            assert next(reserve(chan, PROMPT[1:65])).HasField("reserved")
