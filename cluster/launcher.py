@@ -207,16 +207,7 @@ class Cluster:
                 actor = cls.options(
                     name=f"baton-{worker_id}", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
                     max_restarts=0,
-                ).remote(
-                    worker_id=worker_id,
-                    engine_config=pool.engine_config(str(self.model_dir)),
-                    model_name=served_model_name(cfg.model),
-                    redis_url=self.redis_url,
-                    host=pool.host,
-                    heartbeat_interval_s=cfg.heartbeat_interval_s,
-                    lease_ttl_s=cfg.lease_ttl_s,
-                    kv_compression=cfg.kvtransfer.compression,
-                )
+                ).remote(**self._worker_actor_args(pool, worker_id))
                 self.worker_actors[worker_id] = actor
                 starts[actor.start.remote()] = f"{pool.role} worker {worker_id}"
         self.router_actor = ray.remote(self.actor_classes["router"]).options(
@@ -228,6 +219,20 @@ class Cluster:
                  cfg.prefill.count, cfg.decode.count)
         results = self._wait_all(starts)
         return results[router_ref]
+
+    def _worker_actor_args(self, pool: Any, worker_id: str) -> dict:
+        """The keyword arguments of one worker actor of pool (a WorkerPoolConfig)."""
+        cfg = self.config
+        return {
+            "worker_id": worker_id,
+            "engine_config": pool.engine_config(str(self.model_dir)),
+            "model_name": served_model_name(cfg.model),
+            "redis_url": self.redis_url,
+            "host": pool.host,
+            "heartbeat_interval_s": cfg.heartbeat_interval_s,
+            "lease_ttl_s": cfg.lease_ttl_s,
+            "kv_compression": cfg.kvtransfer.compression,
+        }
 
     def _router_config(self) -> Any:
         from router.config import RouterConfig

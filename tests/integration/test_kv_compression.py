@@ -10,9 +10,10 @@ import pytest
 import baton
 from cluster.actors import PrefillWorkerActor
 from cluster.config import load_config
+from cluster.launcher import Cluster
 from prefill_worker.server import PrefillWorker
 from tests.support.models import hf_generate_greedy, tiny_model
-from tests.support.workers import engine_config, running_cluster
+from tests.support.workers import running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +50,11 @@ def test_int8_request_completes_with_fewer_kv_bytes():
 
 def test_the_cluster_config_reaches_the_prefill_worker():
     cfg = load_config(None, {"kvtransfer.compression": "int8"})
-    actor = PrefillWorkerActor(worker_id="prefill-0", engine_config=engine_config(tiny_model(
-        "llama-gqa")), model_name="tiny", redis_url="redis://unused",
-        kv_compression=cfg.kvtransfer.compression)
+    launcher = Cluster(cfg, model_dir=str(tiny_model("llama-gqa")))
+    launcher.redis_url = "redis://unused"  # set when the cluster starts; no server is needed here
+    args = launcher._worker_actor_args(cfg.prefill, "prefill-0")
+    assert args["kv_compression"] == "int8"
+    actor = PrefillWorkerActor(**args)
     assert actor.make_worker().kv_compression == "int8"
     with pytest.raises(ValueError, match="compression must be one of none, int8, got 'fp8'"):
         PrefillWorker(actor.engine_config, worker_id="p", model_name="tiny", kv_compression="fp8")
