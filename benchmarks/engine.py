@@ -10,26 +10,18 @@ worker roles. A full run writes docs/benchmarks/engine.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import shlex
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from baton.bench import engine_config
+from baton.bench import engine_config, options
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python benchmarks/engine.py")
-    engine_config.add_engine_arguments(parser, default_out_dir=REPO / "docs" / "benchmarks")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return engine_config.main(args, shlex.join(["python", "benchmarks/engine.py", *argv]))
+    return options.script_main("engine.py", REPO, engine_config.add_engine_arguments,
+                               engine_config.main, argv)
 
 
 if __name__ == "__main__":

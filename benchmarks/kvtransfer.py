@@ -11,26 +11,18 @@ run writes docs/benchmarks/kvtransfer.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import shlex
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from baton.bench import kvtransfer_config
+from baton.bench import kvtransfer_config, options
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python benchmarks/kvtransfer.py")
-    kvtransfer_config.add_kvtransfer_arguments(parser, default_out_dir=REPO / "docs" / "benchmarks")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return kvtransfer_config.main(args, shlex.join(["python", "benchmarks/kvtransfer.py", *argv]))
+    return options.script_main("kvtransfer.py", REPO, kvtransfer_config.add_kvtransfer_arguments,
+                               kvtransfer_config.main, argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 from baton.bench.options import (
     add_common_arguments,
     check_parts,
+    check_positive,
     count,
     finish_config,
     run_benchmark,
@@ -68,10 +69,9 @@ class EngineBenchConfig:
 
     def __post_init__(self) -> None:
         check_parts(self.parts, PARTS)
-        for name in ("num_new_tokens", "num_repeats", "num_prefix_tokens", "num_suffix_tokens",
-                     "gemm_size", "read_bytes", "kv_cache_memory_bytes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_positive(self, ("num_new_tokens", "num_repeats", "num_prefix_tokens",
+                              "num_suffix_tokens", "gemm_size", "read_bytes",
+                              "kv_cache_memory_bytes"))
         if self.num_new_tokens < 2:
             raise ValueError(f"num_new_tokens must be >= 2 (decode excludes the first token), "
                              f"got {self.num_new_tokens}")
@@ -79,8 +79,6 @@ class EngineBenchConfig:
             values = getattr(self, name)
             if not values or min(values) <= 0:
                 raise ValueError(f"{name} must be positive numbers, got {values}")
-        if self.num_threads is not None and self.num_threads <= 0:
-            raise ValueError(f"num_threads must be > 0, got {self.num_threads}")
 
     def quick(self) -> EngineBenchConfig:
         """A smoke run: a minute or two instead of many."""

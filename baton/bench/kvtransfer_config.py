@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from baton.bench.engine_config import DEFAULT_MODEL
-from baton.bench.options import add_common_arguments, check_parts, finish_config, run_benchmark
+from baton.bench.options import (
+    add_common_arguments,
+    check_parts,
+    check_positive,
+    finish_config,
+    run_benchmark,
+)
 
 PARTS = ("wire", "ttft", "hidden", "quality")
 # The wire part's KV geometry: SmolLM2-135M's (layers, KV heads, head_dim), float32.
@@ -64,17 +70,13 @@ class KVTransferBenchConfig:
 
     def __post_init__(self) -> None:
         check_parts(self.parts, PARTS)
-        for name in ("num_repeats", "wire_bytes", "quality_num_prompts", "quality_num_tokens",
-                     "kv_cache_memory_bytes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_positive(self, ("num_repeats", "wire_bytes", "quality_num_prompts",
+                              "quality_num_tokens", "kv_cache_memory_bytes"))
         if self.wire_bytes < wire_bytes_per_token():
             raise ValueError(f"wire_bytes must hold at least one token's KV "
                              f"({wire_bytes_per_token()} bytes), got {self.wire_bytes}")
         if not self.prompt_lens or min(self.prompt_lens) <= 0:
             raise ValueError(f"prompt_lens must be positive numbers, got {self.prompt_lens}")
-        if self.num_threads is not None and self.num_threads <= 0:
-            raise ValueError(f"num_threads must be > 0, got {self.num_threads}")
 
     def quick(self) -> KVTransferBenchConfig:
         """A smoke run: about a minute instead of several."""

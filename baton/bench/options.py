@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -106,3 +107,27 @@ def run_benchmark(name: str, make_config: Callable[[], C],
         logging.getLogger(__name__).error("%s benchmark failed: %s", name, exc)
         return 1
     return 0
+
+
+def check_positive(config: object, names: tuple[str, ...]) -> None:
+    """Raise ValueError naming the field unless each of config's `names` is > 0, and num_threads
+    is None or > 0."""
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
+    num_threads = getattr(config, "num_threads", None)
+    if num_threads is not None and num_threads <= 0:
+        raise ValueError(f"num_threads must be > 0, got {num_threads}")
+
+
+def script_main(script: str, repo: Path, add_arguments: Callable[..., None],
+                main: Callable[[argparse.Namespace, str], int], argv: list[str] | None) -> int:
+    """benchmarks/<script> run as a script: parse, log to stderr, run; the full-run results go
+    to the repository's docs/benchmarks."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog=f"python benchmarks/{script}")
+    add_arguments(parser, default_out_dir=repo / "docs" / "benchmarks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return main(args, shlex.join(["python", f"benchmarks/{script}", *argv]))
