@@ -163,6 +163,10 @@ def build_parser(role: str) -> argparse.ArgumentParser:
                              "(default %(default)s)")
     parser.add_argument("--threads", type=_ranged(int, 1), default=None,
                         help="torch threads (default: torch's own choice)")
+    parser.add_argument("--max-num-batched-tokens", type=_ranged(int, 1),
+                        default=EngineConfig.max_num_batched_tokens,
+                        help="token budget of one engine step; longer prompts are prefilled in "
+                             "chunks of it (default %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--dtype", default="auto",
                         help="auto, float32, bfloat16 or float16 (default auto: float32 on CPU, "
@@ -176,7 +180,15 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     else:
         parser.add_argument("--kv-chunk-bytes", type=_ranged(int, 1), default=1 << 20,
                             help="approximate payload bytes of one KV chunk pushed to a decode "
-                                 "worker (default %(default)s)")
+                                 "worker in the gRPC stream (default %(default)s)")
+        parser.add_argument("--kv-ring-slot-bytes", type=_ranged(int, 1), default=None,
+                            help="bytes of one slot of a shared-memory ring: the largest KV "
+                                 "chunk pushed through it (default: 4 MiB)")
+        parser.add_argument("--no-kv-shared-memory", dest="kv_shared_memory",
+                            action="store_false",
+                            help="push KV in the gRPC stream even to a decode worker on this "
+                                 "host (by default, with --kv-compression none, such pushes go "
+                                 "through shared memory in /dev/shm)")
         parser.add_argument("--kv-compression", choices=COMPRESSIONS, default="none",
                             help="KV on the wire: none (exact) or int8 (about a quarter of "
                                  "float32's bytes, lossy; docs/architecture.md) "
@@ -199,14 +211,20 @@ def main(role: str, worker_cls: Callable[[], type[WorkerServer]],
     try:
         engine_config = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype,
-            kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_threads=args.threads)
+            kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_threads=args.threads,
+            max_num_batched_tokens=args.max_num_batched_tokens)
     except ValueError as exc:
         parser.error(str(exc))
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model must be an HF model directory with a config.json, got {args.model}")
-    role_options = ({"kv_lease_s": args.kv_lease_s} if role == "decode"
-                    else {"kv_chunk_bytes": args.kv_chunk_bytes,
-                          "kv_compression": args.kv_compression})
+    if role == "decode":
+        role_options = {"kv_lease_s": args.kv_lease_s}
+    else:
+        role_options = {"kv_chunk_bytes": args.kv_chunk_bytes,
+                        "kv_compression": args.kv_compression,
+                        "kv_shared_memory": args.kv_shared_memory}
+        if args.kv_ring_slot_bytes is not None:
+            role_options["kv_ring_slot_bytes"] = args.kv_ring_slot_bytes
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

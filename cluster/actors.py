@@ -73,6 +73,7 @@ class WorkerActor:
         heartbeat_interval_s: float = 2.0,
         lease_ttl_s: float = 10.0,
         kv_compression: str = "none",  # prefill workers: how KV goes on the wire
+        kv_shared_memory: bool = True,  # prefill workers: rings to same-host decode workers
     ) -> None:
         self.worker_id = worker_id
         self.engine_config = engine_config
@@ -82,6 +83,7 @@ class WorkerActor:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.lease_ttl_s = lease_ttl_s
         self.kv_compression = kv_compression
+        self.kv_shared_memory = kv_shared_memory
         self.worker: Any = None
         self.info: Any = None  # router.registry.WorkerInfo once registered
         self._redis: Any = None
@@ -97,6 +99,7 @@ class WorkerActor:
             from prefill_worker.server import PrefillWorker as cls
 
             options["kv_compression"] = self.kv_compression
+            options["kv_shared_memory"] = self.kv_shared_memory
         else:
             from decode_worker.server import DecodeWorker as cls
         return cls(self.engine_config, worker_id=self.worker_id, model_name=self.model_name,

@@ -145,6 +145,7 @@ class KVTransferSection:
     """How prefill workers send KV to decode workers."""
 
     compression: str = "none"  # none | int8 (lossy: greedy output may differ from none's)
+    shared_memory: bool = True  # same-host decode workers: through shared memory (none only)
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:

@@ -232,6 +232,7 @@ class Cluster:
             "heartbeat_interval_s": cfg.heartbeat_interval_s,
             "lease_ttl_s": cfg.lease_ttl_s,
             "kv_compression": cfg.kvtransfer.compression,
+            "kv_shared_memory": cfg.kvtransfer.shared_memory,
         }
 
     def _router_config(self) -> Any:

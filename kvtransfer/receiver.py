@@ -1,11 +1,12 @@
 """Decode side: the KVTransfer service and the table of expected transfers with their leases.
 
 Lifecycle of a transfer: expect() when the decode worker reserves blocks for a remote prefill ->
-chunks arrive through Push, each validated and then written -> the last chunk completes it
-(on_complete with the first token) -> removed. It fails (on_failed, and the stream gets an error
-status) on any bad chunk, a stream that ends early, or when its lease runs out before completion;
-cancel_request() removes it without a callback (the request was aborted). The receiver writes only
-through the callbacks it is given, so it knows nothing of the engine.
+chunks arrive through Push (in the stream, or through the sender's shared-memory ring that the
+stream's one message names: kvtransfer/shm.py), each validated and then written -> the last chunk
+completes it (on_complete with the first token) -> removed. It fails (on_failed, and the stream
+gets an error status) on any bad chunk, a stream (or ring) that ends early, or when its lease runs
+out before completion; cancel_request() removes it without a callback (the request was aborted).
+The receiver writes only through the callbacks it is given, so it knows nothing of the engine.
 
 Invariant: a transfer leaves the table exactly once, as completed, failed or cancelled. A Push that
 ends with an error status either failed its transfer or was refused on its own (its chunks name a
@@ -15,6 +16,7 @@ hooks (on_bytes, on_seconds, on_failure, on_refusal) count each of those once an
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -32,6 +34,7 @@ from kvtransfer.codec import (
     chunk_num_bytes,
     decode_chunk,
 )
+from kvtransfer.shm import Ring, RingError, RingMaps
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ WriteKV = Callable[[str, int, int, int, int, torch.Tensor, torch.Tensor], None]
 _STREAM_ONLY = {
     ChunkErrorReason.UNKNOWN_TRANSFER: grpc.StatusCode.NOT_FOUND,
     ChunkErrorReason.STALE_ATTEMPT: grpc.StatusCode.FAILED_PRECONDITION,
+    ChunkErrorReason.RING_UNAVAILABLE: grpc.StatusCode.FAILED_PRECONDITION,
 }
 # The reasons on_failure can report, and those on_refusal reports for a stream refused on its own
 # (on_refusal may also see a failure reason, when the transfer had already ended).
@@ -51,6 +55,10 @@ REFUSAL_REASONS = tuple(_STREAM_ONLY)
 
 def _ignore(_value: object) -> None:
     pass
+
+
+class _SenderGone(Exception):
+    """The Push call ended while its ring was waited on (the sender went away)."""
 
 
 @dataclass
@@ -104,6 +112,7 @@ class KVReceiver(kvtransfer_pb2_grpc.KVTransferServicer):
         self.lease_s = lease_s
         self.vocab_size = vocab_size
         self._transfers: dict[str, Transfer] = {}
+        self._rings = RingMaps()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="kv-lease-reaper", daemon=True)
@@ -130,33 +139,100 @@ class KVReceiver(kvtransfer_pb2_grpc.KVTransferServicer):
 
     def close(self) -> None:
         self._stop.set()
+        self._rings.close()
 
     # -- the service ------------------------------------------------------------------------
 
     def Push(self, request_iterator: Iterator[kvtransfer_pb2.KVChunk], context: grpc.ServicerContext):
         transfer: Transfer | None = None
+        ring: Ring | None = None
         num_bytes = 0
         try:
-            for chunk in request_iterator:
+            first = next(request_iterator, None)
+            if first is not None and first.ring:
+                transfer = self._lookup(first.transfer_id)
+                ring = self._open_ring(first.ring)
+                incoming = self._ring_chunks(ring, first, context)
+            else:
+                chunks = request_iterator if first is None else itertools.chain([first],
+                                                                                request_iterator)
+                incoming = ((chunk, None) for chunk in chunks)
+            for seq, (chunk, payload) in enumerate(incoming):
                 transfer = self._lookup(chunk.transfer_id)
-                self._accept(transfer, chunk)
-                num_bytes += chunk_num_bytes(chunk)
+                num_bytes += self._accept(transfer, chunk, payload)
+                if ring is not None:
+                    ring.release(seq)  # written into the pool: the slot is free again
                 if chunk.last:
                     self._complete(transfer, chunk.first_token_id)
+                    ring = None
                     return kvtransfer_pb2.PushAck(num_bytes=num_bytes)
             raise ChunkError(ChunkErrorReason.INCOMPLETE, "the stream ended without its last chunk")
         except ChunkError as err:
-            # An unknown transfer or a stale attempt's late chunk refuses this stream only; any
-            # other error fails the transfer, so the request ends instead of waiting for its lease.
+            # An unknown transfer, a stale attempt's late chunk or a ring that cannot be opened
+            # refuses this stream only; any other error fails the transfer, so the request ends
+            # instead of waiting for its lease.
             code = _STREAM_ONLY.get(err.reason)
             failed = code is None and transfer is not None and self._fail(transfer, err)
             if not failed:
                 self._on_refusal(err.reason)
             context.abort(code or grpc.StatusCode.INVALID_ARGUMENT, f"KV transfer rejected: {err}")
-        except grpc.RpcError:
+        except (grpc.RpcError, _SenderGone) as exc:
             # the sender went away mid-stream; the lease frees the reservation unless it retries
             log.warning("request_id=%s: KV stream broken", transfer.request_id if transfer else "?")
-            raise
+            if isinstance(exc, grpc.RpcError):
+                raise
+            return kvtransfer_pb2.PushAck(num_bytes=num_bytes)  # to a call that has ended
+        finally:
+            if ring is not None:  # ended without the last chunk: the sender removes the ring
+                ring.fail()  # and stops at its next slot
+                self._rings.forget(ring.name)
+
+    def CheckRing(self, request: kvtransfer_pb2.RingCheck, context: grpc.ServicerContext):
+        try:
+            self._rings.get(request.ring)
+        except RingError as exc:
+            return kvtransfer_pb2.RingCheckReply(ok=False, detail=str(exc))
+        return kvtransfer_pb2.RingCheckReply(ok=True)
+
+    def _open_ring(self, name: str) -> Ring:
+        try:
+            return self._rings.get(name)
+        except RingError as exc:
+            raise ChunkError(ChunkErrorReason.RING_UNAVAILABLE, str(exc)) from None
+
+    def _ring_chunks(
+        self, ring: Ring, announced: kvtransfer_pb2.KVChunk, context: grpc.ServicerContext
+    ) -> Iterator[tuple[kvtransfer_pb2.KVChunk, memoryview]]:
+        """The chunks of a push through ring, with their payloads, until the caller stops. Raises
+        _SenderGone when the Push call ends, ChunkError when the transfer leaves the table (its
+        lease ran out, or it was aborted), the sender stops early, a slot is malformed, or a chunk
+        is not of the announced transfer and attempt."""
+        transfer_id = announced.transfer_id
+
+        def alive() -> bool:
+            with self._lock:
+                return context.is_active() and transfer_id in self._transfers
+
+        for seq in itertools.count():
+            try:
+                chunk, payload = ring.read(seq, alive, deadline=float("inf"))
+            except RingError as exc:
+                if not context.is_active():
+                    raise _SenderGone(str(exc)) from None
+                with self._lock:
+                    expected = transfer_id in self._transfers
+                if not expected:
+                    raise ChunkError(ChunkErrorReason.UNKNOWN_TRANSFER, str(exc)) from None
+                if ring.stopped:
+                    raise ChunkError(ChunkErrorReason.INCOMPLETE,
+                                     "the sender stopped before its last chunk") from None
+                raise ChunkError(ChunkErrorReason.BAD_SHAPE, str(exc)) from None
+            if (chunk.transfer_id, chunk.attempt) != (transfer_id, announced.attempt):
+                raise ChunkError(ChunkErrorReason.BAD_RANGE,
+                                 f"ring {ring.name} was announced for transfer {transfer_id!r} "
+                                 f"attempt {announced.attempt}, its chunk {seq} names "
+                                 f"{chunk.transfer_id!r} attempt {chunk.attempt}")
+            yield chunk, payload
 
     def _lookup(self, transfer_id: str) -> Transfer:
         with self._lock:
@@ -166,7 +242,11 @@ class KVReceiver(kvtransfer_pb2_grpc.KVTransferServicer):
                              f"transfer {transfer_id!r} is not expected here (expired or aborted)")
         return transfer
 
-    def _accept(self, transfer: Transfer, chunk: kvtransfer_pb2.KVChunk) -> None:
+    def _accept(
+        self, transfer: Transfer, chunk: kvtransfer_pb2.KVChunk, payload: memoryview | None
+    ) -> int:
+        """Validate chunk (its payload in the message, or `payload` from a ring) and write it;
+        returns the KV bytes it carried."""
         if chunk.attempt < transfer.attempt:
             raise ChunkError(ChunkErrorReason.STALE_ATTEMPT,
                              f"attempt {chunk.attempt} is older than attempt {transfer.attempt}")
@@ -174,8 +254,8 @@ class KVReceiver(kvtransfer_pb2_grpc.KVTransferServicer):
             # a retry starts over: positions already written are simply overwritten
             transfer.reset(chunk.attempt, self.geometry.num_layers)
         if chunk.last and not chunk.payload and chunk.layer_start == chunk.layer_end:
-            return  # nothing to send: the first token only
-        k, v = decode_chunk(chunk, self.geometry, transfer.token_start, transfer.token_end)
+            return 0  # nothing to send: the first token only
+        k, v = decode_chunk(chunk, self.geometry, transfer.token_start, transfer.token_end, payload)
         for layer in range(chunk.layer_start, chunk.layer_end):
             if transfer.next_token[layer] != chunk.token_start:
                 raise ChunkError(
@@ -190,7 +270,9 @@ class KVReceiver(kvtransfer_pb2_grpc.KVTransferServicer):
             raise ChunkError(ChunkErrorReason.BAD_RANGE, str(exc)) from exc
         for layer in range(chunk.layer_start, chunk.layer_end):
             transfer.next_token[layer] = chunk.token_end
-        self._on_bytes(chunk_num_bytes(chunk))
+        num_bytes = chunk_num_bytes(chunk) if payload is None else len(payload)
+        self._on_bytes(num_bytes)
+        return num_bytes
 
     def _complete(self, transfer: Transfer, first_token_id: int) -> None:
         if not transfer.complete:
@@ -220,6 +302,7 @@ class KVReceiver(kvtransfer_pb2_grpc.KVTransferServicer):
 
     def _reap(self) -> None:
         while not self._stop.wait(0.2):
+            self._rings.drop_removed()  # their senders removed them: free their memory here
             now = time.monotonic()
             with self._lock:
                 expired = [t for t in self._transfers.values() if t.deadline <= now]

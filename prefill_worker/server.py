@@ -14,22 +14,27 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
 
-from baton.v1 import kvtransfer_pb2, worker_pb2, worker_pb2_grpc
+from baton.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from baton.wire import GRPC_OPTIONS, finish_to_proto, logprob_to_proto, sampling_from_proto
 from baton.worker import WorkerServer, abort_status, load_to_proto
 from engine.kv_stream import KVStream, KVStreamClosed
 from engine.loop import LoopStopped
 from engine.request import InvalidRequestError, RequestOutput
+from kvtransfer import shm
 from kvtransfer.codec import KVGeometry
 from kvtransfer.compression import check_compression
-from kvtransfer.sender import DEFAULT_CHUNK_BYTES, iter_chunks, push_kv
+from kvtransfer.sender import DEFAULT_CHUNK_BYTES, iter_chunks, iter_ring_push, push_kv
 
 log = logging.getLogger(__name__)
 
+
+# A decode worker that could not open this worker's rings is asked again after this long.
+RING_RECHECK_S = 60.0
 
 # baton_kv_transfer_failures_total{reason} on a prefill worker: the gRPC status the decode worker
 # answered the push with, or "stopped" when this side ended it (the request was preempted or
@@ -64,6 +69,8 @@ class _GuardedPush:
             yield from chunks
         except (KVStreamClosed, TimeoutError, _PushStopped) as exc:
             self.stopped = str(exc)
+        except shm.RingError:
+            pass  # the decode worker failed the transfer; its answer to the push says why
         except Exception as exc:  # a bug: still never into gRPC's request-iterator thread
             log.exception("request_id=%s: building KV chunks failed", self.request_id)
             self.stopped = f"building KV chunks failed: {type(exc).__name__}: {exc}"
@@ -74,11 +81,18 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
     service_names = ("baton.v1.Prefill",)
 
     def __init__(self, *args, kv_push_timeout_s: float = 60.0, kv_compression: str = "none",
-                 kv_chunk_bytes: int = DEFAULT_CHUNK_BYTES, **kwargs) -> None:
-        """kv_push_timeout_s bounds a push (prefill included) when the router set no deadline."""
+                 kv_chunk_bytes: int = DEFAULT_CHUNK_BYTES, kv_shared_memory: bool = True,
+                 kv_ring_slot_bytes: int = shm.DEFAULT_SLOT_BYTES, **kwargs) -> None:
+        """kv_push_timeout_s bounds a push (prefill included) when the router set no deadline.
+        kv_shared_memory: with kv_compression "none", push to a decode worker on this host
+        through shared-memory rings (kvtransfer/shm.py) once it answers that it can open them;
+        otherwise, and to other hosts, in the Push stream. A ring's slots hold kv_ring_slot_bytes
+        (one token of one layer at least), as a chunk in the stream holds kv_chunk_bytes."""
         check_compression(kv_compression)
-        if kv_chunk_bytes <= 0:
-            raise ValueError(f"kv_chunk_bytes must be > 0, got {kv_chunk_bytes}")
+        for name, value in (("kv_chunk_bytes", kv_chunk_bytes),
+                            ("kv_ring_slot_bytes", kv_ring_slot_bytes)):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         self._kv_push_timeout_s = kv_push_timeout_s
         self._kv_chunk_bytes = kv_chunk_bytes
         self.kv_compression = kv_compression
@@ -88,6 +102,13 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
         mc = self.engine.model_config
         self.geometry = KVGeometry(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.engine.kv_dtype)
         self.metrics.declare_kv_transfer_reasons(PUSH_FAILURE_REASONS, ())
+        self._rings: shm.RingPool | None = None
+        # decode address -> (it can open this worker's rings, time.monotonic() of its answer)
+        self._ring_ok: dict[str, tuple[bool, float]] = {}
+        if kv_shared_memory and kv_compression == "none" and shm.supported():
+            shm.sweep_stale()
+            self._rings = shm.RingPool(
+                max(kv_ring_slot_bytes, self.geometry.bytes_per_token_layer))
 
     def _add_services(self, server: grpc.Server) -> None:
         worker_pb2_grpc.add_PrefillServicer_to_server(self, server)
@@ -98,6 +119,8 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
+        if self._rings is not None:
+            self._rings.close()
 
     def _channel(self, address: str) -> grpc.Channel:
         with self._channels_lock:
@@ -106,6 +129,42 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
                 channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
                 self._channels[address] = channel
             return channel
+
+    def _ring_for(self, address: str, timeout: float) -> shm.Ring | None:
+        """A ring for a push to the decode worker at address, or None to push in the stream: rings
+        are off here, all in use, or /dev/shm is full, or that worker cannot open them (asked on
+        the first push, and again RING_RECHECK_S after a no or after a refused push)."""
+        if self._rings is None:
+            return None
+        answer = self._ring_ok.get(address)
+        if answer is not None and not answer[0] and time.monotonic() - answer[1] < RING_RECHECK_S:
+            return None
+        try:
+            ring = self._rings.acquire()
+        except OSError as exc:  # e.g. a small /dev/shm, full
+            log.warning("no shared-memory ring for a push to %s (%s); pushing KV in the stream",
+                        address, exc)
+            return None
+        if ring is None or (answer is not None and answer[0]):
+            return ring
+        try:
+            reply = kvtransfer_pb2_grpc.KVTransferStub(self._channel(address)).CheckRing(
+                kvtransfer_pb2.RingCheck(ring=ring.name), timeout=min(10.0, timeout))
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a worker without rings
+                reply = kvtransfer_pb2.RingCheckReply(ok=False, detail="no CheckRing there")
+            else:  # no answer now: ask again on the next push
+                log.warning("decode worker %s did not answer the ring check (%s); pushing KV "
+                            "in the stream", address, exc.code().name)
+                self._rings.release(ring, reusable=True)
+                return None
+        self._ring_ok[address] = (reply.ok, time.monotonic())
+        log.info("decode worker %s: KV pushed %s", address,
+                 "through shared memory" if reply.ok else f"in the stream ({reply.detail})")
+        if not reply.ok:
+            self._rings.release(ring, reusable=True)
+            return None
+        return ring
 
     def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.ServicerContext):
         rid = request.request_id
@@ -140,19 +199,33 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
             context.abort(code, message)
         timeout = context.time_remaining() or self._kv_push_timeout_s
         push = _GuardedPush(rid, lambda: self._first_output(outputs, context))
-        chunks = iter_chunks(
-            transfer_id=request.transfer_id, attempt=request.attempt, geometry=self.geometry,
-            token_start=request.num_skip_tokens, token_end=len(prompt), stream=stream,
-            first_token_id=push.first_token_id, chunk_bytes=self._kv_chunk_bytes,
-            compression=self.kv_compression, wait_timeout_s=timeout)
+        num_bytes = 0
+
+        def count(n: int) -> None:
+            nonlocal num_bytes
+            num_bytes += n
+            self.metrics.kv_transfer_bytes.inc(n)
+
+        kv = {"transfer_id": request.transfer_id, "attempt": request.attempt,
+              "geometry": self.geometry, "token_start": request.num_skip_tokens,
+              "token_end": len(prompt), "stream": stream, "first_token_id": push.first_token_id,
+              "wait_timeout_s": timeout, "on_bytes": count}
+        ring, failure = None, None
         try:
+            ring = self._ring_for(request.decode_address, timeout)
+            call_done = threading.Event()
+            if ring is None:
+                chunks = iter_chunks(chunk_bytes=self._kv_chunk_bytes,
+                                     compression=self.kv_compression, **kv)
+            else:
+                chunks = iter_ring_push(ring, timeout_s=timeout, call_done=call_done, **kv)
             try:
-                num_bytes = push_kv(self._channel(request.decode_address), push.guard(chunks),
-                                    timeout=timeout, on_chunk=self.metrics.kv_transfer_bytes.inc,
-                                    cancel_with=context)
-                failure = None
+                push_kv(self._channel(request.decode_address), push.guard(chunks),
+                        timeout=timeout, cancel_with=context, done=call_done)
             except grpc.RpcError as exc:  # the decode worker's answer, or this call's end
-                num_bytes, failure = 0, exc
+                failure = exc
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and ring is not None:
+                    self._ring_ok.pop(request.decode_address, None)  # ask again next time
             if push.stopped is not None or failure is not None:
                 self.metrics.count_kv_transfer_failure(
                     "stopped" if push.stopped is not None else failure.code().name.lower())
@@ -180,6 +253,8 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
                 self.loop.call(self.engine.abort, rid)  # frees the held blocks in any state
             except LoopStopped:
                 pass
+            if ring is not None:  # reused only if the decode worker is done with every slot
+                self._rings.release(ring, reusable=failure is None and push.stopped is None)
 
     @staticmethod
     def _first_output(outputs: queue.SimpleQueue, context: grpc.ServicerContext) -> RequestOutput:

@@ -4,13 +4,14 @@ the time to first token.
 One run, one machine, float32 on CPU, greedy. In order (KVTransferBenchConfig.parts picks them):
 
 wire     loopback.measure_wire: one push of wire_bytes of KV (SmolLM2 geometry) into a real
-         KVReceiver over loopback gRPC, against an in-process copy of the same bytes, and each
-         stage of the push timed alone
+         KVReceiver, through a shared-memory ring and in the gRPC stream over loopback, against
+         an in-process copy of the same bytes, and each stage of the stream's push timed alone
 ttft     inprocess.running_cluster: a random prompt of each length through the router's gRPC API
          (baton.Client, max_tokens=1), timed at the client from the call to the first token;
          disaggregated (1 prefill + 1 decode worker) against local (a router that knows only the
          decode worker, which then prefills itself); the KV bytes the decode worker received
-hidden   per length: the push of that length's KV alone (a LoopbackKV of the model's geometry),
+hidden   per length: the push of that length's KV alone (a LoopbackKV of the model's geometry,
+         through a ring as the prefill worker pushes to a decode worker on its host),
          against how much disaggregated TTFT exceeds local TTFT (the ttft loop's figures);
          kvtransfer_report.hidden_share
 quality  baton.bench.kv_quality.measure_int8_quality
@@ -40,6 +41,7 @@ from baton.bench.loopback import LoopbackKV, measure_wire
 from baton.client import Client
 from engine.config import EngineConfig, ModelConfig
 from engine.weights import resolve_model
+from kvtransfer import shm
 from kvtransfer.codec import KVGeometry
 
 logger = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ class _TTFTRun:
 
     def measure(self, side: str, prompt: list[int]) -> float:
         if side == "transfer_alone":
-            return self.wire.push(len(prompt))
+            return self.wire.push(len(prompt), through_ring=shm.supported())
         before = self.cluster.kv_bytes_received()
         seconds, num_cached = client_ttft(self.clients[side], prompt)
         self.num_cached_tokens += num_cached

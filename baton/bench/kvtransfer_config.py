@@ -30,16 +30,17 @@ DESCRIPTION = """\
 Measure how Baton moves KV from a prefill worker to a decode worker, in one run, on CPU in float32.
 Parts (all by default; pick some with --only):
 
-  wire     loopback gRPC throughput of one 64 MiB KV push (SmolLM2 geometry: 30 layers, 3 KV
-           heads, head_dim 64): chunks encoded by the prefill side's iter_chunks, received by a
-           real KVReceiver on 127.0.0.1 that writes into a preallocated tensor; GB/s against an
-           in-process copy of the same bytes (torch copy_). Also each stage timed alone: encode
-           (with crc32), gRPC (a sink that only counts bytes), decode (with validation), write
+  wire     loopback throughput of one 64 MiB KV push (SmolLM2 geometry: 30 layers, 3 KV heads,
+           head_dim 64) into a real KVReceiver that writes into a preallocated tensor: through
+           a shared-memory ring (as to a decode worker on the same host) and in the gRPC stream
+           over 127.0.0.1 (as to another host); GB/s against an in-process copy of the same
+           bytes (torch copy_). Also each stage of the stream's push timed alone: encode (with
+           CRC-32C), gRPC (a sink that only counts bytes), decode (with validation), write
   ttft     time to first token of 256/1024/2048-token random prompts through the router's gRPC
            API (the SDK, max_tokens=1, timed at the client): 1 prefill + 1 decode worker
            (disaggregated) against the same decode worker prefilling locally (a router that
            knows no prefill worker); the KV bytes each prompt moves
-  hidden   the share of each prompt's KV transfer hidden under prefill compute:
+  hidden   the share of each prompt's KV transfer (through a ring) hidden under prefill compute:
            1 - (disaggregated TTFT - local TTFT) / (the push of that KV alone), in [0, 1]
   quality  int8 KV against float32 KV (baton.bench.kv_quality): greedy agreement,
            largest logit difference, bytes ratio

@@ -1,18 +1,21 @@
-"""The KV transfer benchmark's wire part: KV pushed over loopback gRPC, whole and stage by stage.
+"""The KV transfer benchmark's wire part: KV pushed on loopback, whole and stage by stage.
 
 LoopbackKV holds random K/V of up to max_tokens tokens of a geometry and two gRPC servers on
 127.0.0.1: a real KVReceiver whose write callback copies each chunk into a preallocated tensor (the
 decode worker's path without its engine), and a sink that only counts the bytes it is streamed.
-push(n) sends the first n tokens' KV as the prefill worker does (iter_chunks, ~1 MiB chunks, layer
-by layer, push_kv) and returns once the receiver has written all of it and acknowledged.
+push(n) sends the first n tokens' KV as the prefill worker does, layer by layer: in the gRPC stream
+(iter_chunks, ~1 MiB chunks, push_kv), or through a shared-memory ring (iter_ring_push, 4 MiB
+slots: what a prefill worker does for a decode worker on its host), and returns once the receiver
+has written all of it and acknowledged.
 
 Lifecycle: LoopbackKV(geometry, max_tokens) (servers start) -> push / push_to_sink / ... -> close()
 (servers stop, the receiver's lease reaper ends). One push at a time.
 
-measure_wire times, interleaved num_repeats times, best of all: the whole push; an in-process copy
-of the same bytes (roofline.copy_bytes_per_s); and each stage alone on the same chunks: encode
-(iter_chunks: tensor to bytes, crc32, protobuf message), gRPC (pre-encoded chunks streamed to the
-sink: serialization, transport, parsing), decode (decode_chunk: header checks, crc32, bytes to
+measure_wire times, interleaved num_repeats times, best of all: the whole push, in the stream and
+through a ring; an in-process copy of the same bytes (roofline.copy_bytes_per_s); and each stage of
+the stream's push alone on the same chunks: encode
+(iter_chunks: tensor to bytes, CRC-32C, protobuf message), gRPC (pre-encoded chunks streamed to the
+sink: serialization, transport, parsing), decode (decode_chunk: header checks, CRC-32C, bytes to
 tensor) and write (copy into the preallocated tensor).
 """
 
@@ -30,11 +33,13 @@ import torch
 
 from baton.bench import roofline
 from baton.bench.kvtransfer_config import WIRE_GEOMETRY, KVTransferBenchConfig
+from baton.bench.report import div, fmt
 from baton.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 from baton.wire import GRPC_OPTIONS
+from kvtransfer import shm
 from kvtransfer.codec import ChunkError, KVGeometry, decode_chunk
 from kvtransfer.receiver import KVReceiver
-from kvtransfer.sender import iter_chunks, push_kv
+from kvtransfer.sender import iter_chunks, iter_ring_push, push_kv
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +81,7 @@ class LoopbackKV:
                                    on_failed=self._failed, lease_s=PUSH_TIMEOUT_S)
         self._servers: list[grpc.Server] = []
         self._channels: list[grpc.Channel] = []
+        self._rings = shm.RingPool() if shm.supported() else None
         try:
             for servicer in (self.receiver, _Sink()):
                 server, channel = _serve(servicer)
@@ -92,22 +98,39 @@ class LoopbackKV:
         """The first num_tokens tokens' KV as the prefill worker encodes it, lazily."""
         return iter_chunks(
             transfer_id=transfer_id, attempt=0, geometry=self.geometry, token_start=0,
-            token_end=num_tokens, first_token_id=1,
-            read_kv=lambda l0, l1, t0, t1: (self.k[l0:l1, t0:t1], self.v[l0:l1, t0:t1]),
+            token_end=num_tokens, first_token_id=1, read_kv=self._read_kv,
         )
 
-    def push(self, num_tokens: int) -> float:
-        """Seconds of one push of num_tokens tokens' KV into the receiver, encode to ack."""
+    def _read_kv(self, layer_start: int, layer_end: int, token_start: int, token_end: int):
+        return (self.k[layer_start:layer_end, token_start:token_end],
+                self.v[layer_start:layer_end, token_start:token_end])
+
+    def push(self, num_tokens: int, through_ring: bool = False) -> float:
+        """Seconds of one push of num_tokens tokens' KV into the receiver, encode to ack: in the
+        gRPC stream, or through a shared-memory ring (as to a decode worker on this host)."""
         transfer_id = f"bench-kv-{next(_transfer_numbers)}"
         self.receiver.expect(transfer_id, transfer_id, 0, num_tokens)
+        if through_ring and self._rings is None:
+            raise RuntimeError("shared-memory rings need x86-64 and /dev/shm")
+        ring = self._rings.acquire() if through_ring else None
+        call_done = threading.Event()
         start = time.perf_counter()
         try:
-            push_kv(self._channels[0], self.chunks(num_tokens, transfer_id), timeout=PUSH_TIMEOUT_S)
+            if ring is None:
+                chunks = self.chunks(num_tokens, transfer_id)
+            else:
+                chunks = iter_ring_push(
+                    ring, transfer_id=transfer_id, attempt=0, geometry=self.geometry,
+                    token_start=0, token_end=num_tokens, first_token_id=1,
+                    read_kv=self._read_kv, timeout_s=PUSH_TIMEOUT_S, call_done=call_done)
+            push_kv(self._channels[0], chunks, timeout=PUSH_TIMEOUT_S, done=call_done)
         except grpc.RpcError as exc:
             outcome = f"{exc.code().name} {exc.details()}"
         else:
             outcome = None
         seconds = time.perf_counter() - start
+        if ring is not None:
+            self._rings.release(ring, reusable=outcome is None)
         with self._lock:
             outcome = self._outcomes.pop(transfer_id, None) or outcome or "no completion reported"
         if outcome != "complete":
@@ -146,6 +169,8 @@ class LoopbackKV:
         for server in self._servers:
             server.stop(0)
         self.receiver.close()
+        if self._rings is not None:
+            self._rings.close()
 
     # -- the receiver's callbacks ---------------------------------------------------------------
 
@@ -172,19 +197,27 @@ def measure_wire(config: KVTransferBenchConfig) -> dict:
     geometry = wire_geometry()
     num_tokens = config.wire_bytes // geometry.bytes_per_token
     num_bytes = num_tokens * geometry.bytes_per_token
-    logger.info("wire: %d tokens of KV (%.1f MB) over loopback gRPC, %d repeats", num_tokens,
+    rings = shm.supported()
+    logger.info("wire: %d tokens of KV (%.1f MB) on loopback, %d repeats", num_tokens,
                 num_bytes / 1e6, config.num_repeats)
     wire = LoopbackKV(geometry, num_tokens, seed=config.seed)
     try:
-        wire.push(num_tokens)  # warm-up: connection, threads, pages of the destination
-        if not wire.received_intact(num_tokens):
-            raise RuntimeError("wire: the KV written by the receiver differs from the KV sent")
-        best = {name: float("inf") for name in ("push", "copy", *STAGES)}
+        for through_ring in (False, True)[:1 + rings]:  # warm-up: connection, pages, the ring
+            wire.dest_k.zero_()
+            wire.dest_v.zero_()
+            wire.push(num_tokens, through_ring)
+            if not wire.received_intact(num_tokens):
+                raise RuntimeError("wire: the KV written by the receiver differs from the KV sent "
+                                   f"({'through a ring' if through_ring else 'in the stream'})")
+        best = {name: float("inf") for name in ("push", "ring_push", "copy", *STAGES)}
         num_chunks = 0
         for repeat in range(config.num_repeats):
-            logger.info("wire: push, in-process copy and stages, repeat %d/%d", repeat + 1,
+            logger.info("wire: pushes, in-process copy and stages, repeat %d/%d", repeat + 1,
                         config.num_repeats)
             best["push"] = min(best["push"], wire.push(num_tokens))
+            if rings:
+                best["ring_push"] = min(best["ring_push"],
+                                        wire.push(num_tokens, through_ring=True))
             best["copy"] = min(best["copy"], num_bytes / roofline.copy_bytes_per_s(num_bytes))
             start = time.perf_counter()
             chunks = list(wire.chunks(num_tokens))
@@ -206,14 +239,20 @@ def measure_wire(config: KVTransferBenchConfig) -> dict:
         "num_chunks": num_chunks,
         "push_s": best["push"],
         "push_bytes_per_s": num_bytes / best["push"],
+        "ring_push_s": best["ring_push"] if rings else None,
+        "ring_push_bytes_per_s": num_bytes / best["ring_push"] if rings else None,
         "copy_s": best["copy"],
         "copy_bytes_per_s": num_bytes / best["copy"],
         "stages": stages,
         "bottleneck": max(STAGES, key=lambda name: best[name]),
     }
     result["ratio_push_over_copy"] = result["push_bytes_per_s"] / result["copy_bytes_per_s"]
-    logger.info("wire: push %.2f GB/s, in-process copy %.2f GB/s (ratio %.3f); stages: %s",
-                result["push_bytes_per_s"] / 1e9, result["copy_bytes_per_s"] / 1e9,
-                result["ratio_push_over_copy"],
+    result["ratio_ring_push_over_copy"] = div(result["ring_push_bytes_per_s"],
+                                              result["copy_bytes_per_s"])
+    logger.info("wire: push in the stream %.2f GB/s, through a ring %s GB/s, in-process copy "
+                "%.2f GB/s (ratios %.3f, %s); stream stages: %s",
+                result["push_bytes_per_s"] / 1e9, fmt(div(result["ring_push_bytes_per_s"], 1e9)),
+                result["copy_bytes_per_s"] / 1e9, result["ratio_push_over_copy"],
+                fmt(result["ratio_ring_push_over_copy"], 3),
                 ", ".join(f"{name} {best[name] * 1e3:.0f} ms" for name in STAGES))
     return result

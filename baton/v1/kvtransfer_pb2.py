@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62\x61ton/v1/kvtransfer.proto\x12\x08\x62\x61ton.v1\"\xbd\x02\n\x07KVChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x13\n\x0btoken_start\x18\x05 \x01(\x05\x12\x11\n\ttoken_end\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\x05\x12\x10\n\x08head_dim\x18\t \x01(\x05\x12\x0f\n\x07payload\x18\n \x01(\x0c\x12\r\n\x05\x63rc32\x18\x0b \x01(\x07\x12\x0c\n\x04last\x18\x0c \x01(\x08\x12\x16\n\x0e\x66irst_token_id\x18\r \x01(\x05\x12\x13\n\x0b\x63ompression\x18\x0e \x01(\t\x12\x0e\n\x06scales\x18\x0f \x01(\x0c\x12\x1a\n\x12scale_block_tokens\x18\x10 \x01(\x05\"\x1c\n\x07PushAck\x12\x11\n\tnum_bytes\x18\x01 \x01(\x03\x32<\n\nKVTransfer\x12.\n\x04Push\x12\x11.baton.v1.KVChunk\x1a\x11.baton.v1.PushAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62\x61ton/v1/kvtransfer.proto\x12\x08\x62\x61ton.v1\"\xd2\x02\n\x07KVChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x13\n\x0btoken_start\x18\x05 \x01(\x05\x12\x11\n\ttoken_end\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\x05\x12\x10\n\x08head_dim\x18\t \x01(\x05\x12\x0f\n\x07payload\x18\n \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x12 \x01(\x07\x12\x0c\n\x04last\x18\x0c \x01(\x08\x12\x16\n\x0e\x66irst_token_id\x18\r \x01(\x05\x12\x13\n\x0b\x63ompression\x18\x0e \x01(\t\x12\x0e\n\x06scales\x18\x0f \x01(\x0c\x12\x1a\n\x12scale_block_tokens\x18\x10 \x01(\x05\x12\x0c\n\x04ring\x18\x11 \x01(\tJ\x04\x08\x0b\x10\x0c\"\x1c\n\x07PushAck\x12\x11\n\tnum_bytes\x18\x01 \x01(\x03\"\x19\n\tRingCheck\x12\x0c\n\x04ring\x18\x01 \x01(\t\",\n\x0eRingCheckReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2x\n\nKVTransfer\x12.\n\x04Push\x12\x11.baton.v1.KVChunk\x1a\x11.baton.v1.PushAck(\x01\x12:\n\tCheckRing\x12\x13.baton.v1.RingCheck\x1a\x18.baton.v1.RingCheckReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.kvtransfer_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVCHUNK']._serialized_start=40
-  _globals['_KVCHUNK']._serialized_end=357
-  _globals['_PUSHACK']._serialized_start=359
-  _globals['_PUSHACK']._serialized_end=387
-  _globals['_KVTRANSFER']._serialized_start=389
-  _globals['_KVTRANSFER']._serialized_end=449
+  _globals['_KVCHUNK']._serialized_end=378
+  _globals['_PUSHACK']._serialized_start=380
+  _globals['_PUSHACK']._serialized_end=408
+  _globals['_RINGCHECK']._serialized_start=410
+  _globals['_RINGCHECK']._serialized_end=435
+  _globals['_RINGCHECKREPLY']._serialized_start=437
+  _globals['_RINGCHECKREPLY']._serialized_end=481
+  _globals['_KVTRANSFER']._serialized_start=483
+  _globals['_KVTRANSFER']._serialized_end=603
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class KVTransferStub:
                 request_serializer=baton_dot_v1_dot_kvtransfer__pb2.KVChunk.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_kvtransfer__pb2.PushAck.FromString,
                 _registered_method=True)
+        self.CheckRing = channel.unary_unary(
+                '/baton.v1.KVTransfer/CheckRing',
+                request_serializer=baton_dot_v1_dot_kvtransfer__pb2.RingCheck.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_kvtransfer__pb2.RingCheckReply.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -54,6 +59,14 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckRing(self, request, context):
+        """Whether the receiver can open the sender's shared-memory ring: asked once per receiver, before
+        the first push through a ring.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +74,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=baton_dot_v1_dot_kvtransfer__pb2.KVChunk.FromString,
                     response_serializer=baton_dot_v1_dot_kvtransfer__pb2.PushAck.SerializeToString,
+            ),
+            'CheckRing': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckRing,
+                    request_deserializer=baton_dot_v1_dot_kvtransfer__pb2.RingCheck.FromString,
+                    response_serializer=baton_dot_v1_dot_kvtransfer__pb2.RingCheckReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +109,33 @@ class KVTransfer:
             '/baton.v1.KVTransfer/Push',
             baton_dot_v1_dot_kvtransfer__pb2.KVChunk.SerializeToString,
             baton_dot_v1_dot_kvtransfer__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckRing(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.KVTransfer/CheckRing',
+            baton_dot_v1_dot_kvtransfer__pb2.RingCheck.SerializeToString,
+            baton_dot_v1_dot_kvtransfer__pb2.RingCheckReply.FromString,
             options,
             channel_credentials,
             insecure,

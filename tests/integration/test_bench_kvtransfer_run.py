@@ -33,6 +33,9 @@ def test_a_tiny_run_of_every_part(tmp_path, capsys):
     assert wire["num_tokens"] == (1 << 20) // 46080 and wire["num_bytes"] == 22 * 46080
     assert wire["push_bytes_per_s"] > 0 and wire["copy_bytes_per_s"] > 0
     assert wire["ratio_push_over_copy"] == wire["push_bytes_per_s"] / wire["copy_bytes_per_s"]
+    assert wire["ring_push_bytes_per_s"] > 0  # the receiver got it all intact (else it raises)
+    assert wire["ratio_ring_push_over_copy"] == (wire["ring_push_bytes_per_s"]
+                                                 / wire["copy_bytes_per_s"])
     assert set(wire["stages"]) == {"encode", "grpc", "decode", "write"}
     assert wire["bottleneck"] in wire["stages"]
 

@@ -1,18 +1,22 @@
 """Faults in the KV hand-off, with real worker processes (`python -m prefill_worker|decode_worker`)
 and a router in this process: a prefill worker killed (SIGKILL) mid-transfer, a corrupted chunk, a
-decode worker killed mid-transfer. Each request either completes token-identical to transformers'
-greedy generate() or fails with a clear error, and afterwards the surviving workers' free KV block
-counts are back at their starting values within the decode lease.
+decode worker killed mid-transfer. The kills are tried on both data paths: through a shared-memory
+ring (what a prefill worker uses for a decode worker on its host) and in the gRPC stream
+(--no-kv-shared-memory, as to another host). Each request either completes token-identical to
+transformers' greedy generate() or fails with a clear error, and afterwards the surviving workers'
+free KV block counts are back at their starting values within the decode lease.
 
-To interrupt a transfer in its middle, the prefill worker cuts KV into one-token chunks (the
-smallest chunk: --kv-chunk-bytes = one token of one layer) and the prompts are long enough that a
-push is ~1000 chunks and lasts about a second, well inside the decode lease. The signal that a
-push is under way is the receiving decode worker's baton_kv_transfer_bytes_total, scraped from its
-metrics endpoint (~10 ms a scrape): the receiver adds a chunk's bytes only after it validated and
-wrote that chunk, so "at least a quarter and below the prompt's KV size" means some KV landed and
-some is still to come; the kill follows the reading within milliseconds, a small part of the push.
-(The prefill side's own counter is no such signal: gRPC takes the whole stream into its buffers
-long before the decode worker has read it.)
+To interrupt a transfer in its middle, the prefill workers cut KV into one-token chunks (the
+smallest chunk: --kv-ring-slot-bytes or --kv-chunk-bytes = one token of one layer) and the prompts
+are long enough that a push is ~1000 chunks and lasts about a second, well inside the decode lease;
+the ring's prefill worker also computes one token a step (--max-num-batched-tokens 1), as a ring
+alone would move those chunks in milliseconds. The signal that a push is under way is the receiving
+decode worker's baton_kv_transfer_bytes_total, scraped from its metrics endpoint (~10 ms a scrape):
+the receiver adds a chunk's bytes only after it validated and wrote that chunk, so "at least a
+quarter and below the prompt's KV size" means some KV landed and some is still to come; the kill
+follows the reading within milliseconds, a small part of the push. (The prefill side's own counter
+is no such signal: gRPC takes the whole stream into its buffers long before the decode worker has
+read it.)
 """
 
 from __future__ import annotations
@@ -64,13 +68,15 @@ def geometry(model_dir) -> KVGeometry:
 
 @pytest.fixture(scope="module")
 def workers(model_dir, geometry, tmp_path_factory):
-    """workers(*ids) -> the running workers with those ids. All three start at once (start-up is
-    most of this module's time); one a test killed is started again when a later test asks for it
-    (the tests that kill come last, so in file order that never happens). Ends them all (SIGTERM,
-    then SIGKILL) when the module is done."""
+    """workers(*ids) -> the running workers with those ids. All start at once (start-up is most of
+    this module's time); one a test killed is started again when a later test asks for it. Ends
+    them all (SIGTERM, then SIGKILL) when the module is done."""
     lease = {"kv_lease_s": LEASE_S}
+    one_token = geometry.bytes_per_token_layer
     specs = {
-        "prefill-0": ("prefill", {"kv_chunk_bytes": geometry.bytes_per_token_layer}),
+        # one token a step: the prefill paces the push through the ring over ~a second
+        "prefill-0": ("prefill", {"kv_ring_slot_bytes": one_token, "max_num_batched_tokens": 1}),
+        "prefill-stream": ("prefill", {"kv_chunk_bytes": one_token, "kv_shared_memory": False}),
         # With equal loads the router picks the smaller worker id: decode-0 before decode-1.
         "decode-0": ("decode", lease),
         "decode-1": ("decode", lease),
@@ -144,7 +150,7 @@ def test_corrupt_chunk_fails_the_transfer_with_a_checksum_error(workers, model_d
             transfer_id="corrupt-transfer", attempt=0, geometry=geometry, token_start=0,
             token_end=len(prompt), read_kv=lambda l0, l1, t0, t1: (kv[l0:l1, t0:t1],) * 2,
             first_token_id=5))
-        chunk.crc32 ^= 1
+        chunk.crc32c ^= 1
         with pytest.raises(grpc.RpcError) as pushed:
             kvtransfer_pb2_grpc.KVTransferStub(decode.channel()).Push(iter([chunk]), timeout=10)
         assert pushed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -165,10 +171,12 @@ def test_corrupt_chunk_fails_the_transfer_with_a_checksum_error(workers, model_d
     assert decode.metric(KV_BYTES) - received_before == len(good) * geometry.bytes_per_token
 
 
+# Each case its own prompt: the decode worker that survives one case caches that case's prompt.
+@pytest.mark.parametrize(("prefill_id", "seed"), [("prefill-0", 3), ("prefill-stream", 13)])
 def test_decode_worker_killed_mid_transfer_retries_on_another_decode_worker(
-        workers, model_dir, geometry):
-    prefill, victim, decode = workers("prefill-0", "decode-0", "decode-1")
-    prompt = slow_prompt(seed=3)
+        workers, model_dir, geometry, prefill_id, seed):
+    prefill, victim, decode = workers(prefill_id, "decode-0", "decode-1")
+    prompt = slow_prompt(seed=seed)
     num_bytes_total = len(prompt) * geometry.bytes_per_token
     free_before = {w.worker_id: w.num_free_blocks() for w in (prefill, decode)}
     received_before = decode.metric(KV_BYTES)
@@ -188,10 +196,11 @@ def test_decode_worker_killed_mid_transfer_retries_on_another_decode_worker(
                         LEASE_S), (worker.worker_id, worker.num_free_blocks(), free_before)
 
 
+@pytest.mark.parametrize(("prefill_id", "seed"), [("prefill-0", 1), ("prefill-stream", 11)])
 def test_prefill_worker_killed_mid_transfer_falls_back_to_local_prefill(
-        workers, model_dir, geometry):
-    victim, decode = workers("prefill-0", "decode-1")
-    prompt = slow_prompt(seed=1)
+        workers, model_dir, geometry, prefill_id, seed):
+    victim, decode = workers(prefill_id, "decode-1")
+    prompt = slow_prompt(seed=seed)
     num_bytes_total = len(prompt) * geometry.bytes_per_token
     free_before = decode.num_free_blocks()
     received_before = decode.metric(KV_BYTES)

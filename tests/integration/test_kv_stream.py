@@ -116,7 +116,9 @@ def test_stream_kv_refuses_what_it_cannot_stream():
 
 def test_decode_worker_receives_kv_before_the_prefill_finishes():
     """A 16-token budget cuts the prompt into 5 prefill steps; the first chunks must be written on
-    the decode side before the prefill worker samples its first token."""
+    the decode side before the prefill worker samples its first token. Each step is held 20 ms
+    (the tiny model computes one in about a millisecond, less than a push takes to open), as a
+    real model's prefill step would take."""
     model_dir = tiny_model(NAME)
     with running_workers(model_dir, max_num_batched_tokens=16) as ([prefill], [decode]):
         first_write: list[float] = []
@@ -128,6 +130,7 @@ def test_decode_worker_receives_kv_before_the_prefill_finishes():
             return write_kv(*args)
 
         def timed_step():
+            time.sleep(0.02)
             outputs = step()
             if any(out.new_token_ids for out in outputs):
                 first_token.append(time.monotonic())

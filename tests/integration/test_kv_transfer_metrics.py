@@ -119,7 +119,7 @@ def test_corrupt_chunk_counts_one_checksum_failure_and_frees_its_blocks(workers)
 
         push = kvtransfer_pb2_grpc.KVTransferStub(chan).Push
         corrupt = chunks()
-        corrupt[1].crc32 ^= 1
+        corrupt[1].crc32c ^= 1
         with pytest.raises(grpc.RpcError) as info:
             push(iter(corrupt), timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,5 +1,7 @@
 """Prefill and decode workers over real gRPC on loopback, driven the way the router drives them:
-KV really crosses the wire, bad chunks fail one transfer only, and nothing is stranded."""
+KV really crosses the wire, bad chunks fail one transfer only, and nothing is stranded. Every test
+runs twice: KV through shared memory (a decode worker on the prefill worker's host) and in the
+gRPC stream."""
 
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ def model_dir():
     return tiny_model("llama-gqa")
 
 
-@pytest.fixture(scope="module")
-def workers(model_dir):
-    with running_workers(model_dir, kv_lease_s=2.0) as (prefill, decode):
+@pytest.fixture(scope="module", params=[True, False], ids=["shared-memory", "stream"])
+def workers(model_dir, request):
+    with running_workers(model_dir, kv_lease_s=2.0, kv_shared_memory=request.param) as (
+            prefill, decode):
         yield prefill[0], decode[0]
 
 
@@ -79,6 +82,8 @@ def test_disaggregated_output_equals_hf_and_kv_bytes_match_the_model_shape(worke
     before = kv_bytes(decode.registry)
     tokens = disaggregated(prefill, decode, prompt)
     assert tokens == hf_generate_greedy(model_dir, prompt, GREEDY.max_tokens)
+    through_ring, _ = prefill._ring_ok.get(decode.address, (False, 0.0))  # the check's answer
+    assert through_ring is (prefill._rings is not None)
     mc = ModelConfig.from_dir(model_dir)
     expected = len(prompt) * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 4  # float32
     assert kv_bytes(decode.registry) - before == expected
@@ -119,7 +124,7 @@ def test_corrupt_chunk_fails_that_request_only_and_frees_its_blocks(workers, mod
         chunks = list(iter_chunks(transfer_id=transfer_id, attempt=0, geometry=geom,
                                   token_start=num_cached, token_end=len(prompt), read_kv=lambda a, b, c, d: (k[a:b, c:d], k[a:b, c:d]),
                                   first_token_id=5))
-        chunks[0].crc32 ^= 1
+        chunks[0].crc32c ^= 1
         with pytest.raises(grpc.RpcError) as info:
             kvtransfer_pb2_grpc.KVTransferStub(chan).Push(iter(chunks), timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -216,3 +221,25 @@ def test_engine_metrics_count_steps_and_prefix_cache_lookups(workers):
             "baton_num_preemptions_total",
             {"model": "tiny", "role": worker.role, "worker": worker.worker_id},
         ) == 0.0
+
+
+def test_no_room_for_a_ring_pushes_in_the_stream(workers, model_dir, monkeypatch):
+    prefill, decode = workers
+    if prefill._rings is None:
+        pytest.skip("this worker pushes in the stream anyway")
+
+    asked = []
+
+    def full(*_args):
+        asked.append(1)
+        raise OSError(28, "No space left on device")  # a small /dev/shm, full
+
+    monkeypatch.setattr(prefill._rings, "acquire", full)
+    prompt = [17 + (3 * j) % 250 for j in range(30)]
+    before = kv_bytes(decode.registry)
+    assert disaggregated(prefill, decode, prompt) == hf_generate_greedy(
+        model_dir, prompt, GREEDY.max_tokens)
+    assert asked  # it wanted a ring, got none, and pushed in the stream
+    mc = ModelConfig.from_dir(model_dir)
+    assert kv_bytes(decode.registry) - before == (
+        len(prompt) * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 4)

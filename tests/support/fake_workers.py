@@ -17,7 +17,6 @@ import os
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import grpc
 from baton.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from baton.wire import finish_to_proto, logprob_to_proto, sampling_from_proto
 from engine.request import FinishReason, SamplingParams, TokenLogprob
+from kvtransfer.codec import checksum
 from router.registry import WorkerInfo
 
 Script = Callable[[Sequence[int], SamplingParams], list[int]]
@@ -221,7 +221,7 @@ class FakeDecodeWorker(_FakeServer, worker_pb2_grpc.DecodeServicer,
         num_bytes = 0
         for chunk in request_iterator:
             self._record(self.pushes, chunk)
-            if zlib.crc32(chunk.payload) != chunk.crc32:
+            if checksum(chunk.payload) != chunk.crc32c:
                 context.abort(grpc.StatusCode.DATA_LOSS, "checksum mismatch")
             num_bytes += len(chunk.payload)
             if chunk.last:
@@ -255,7 +255,7 @@ class FakePrefillWorker(_FakeServer, worker_pb2_grpc.PrefillServicer):
             transfer_id=request.transfer_id, attempt=request.attempt, layer_start=0, layer_end=1,
             token_start=request.num_skip_tokens, token_end=len(request.prompt_token_ids),
             dtype="float32", num_kv_heads=1, head_dim=1, payload=payload,
-            crc32=zlib.crc32(payload), last=True, first_token_id=tokens[0])
+            crc32c=checksum(payload), last=True, first_token_id=tokens[0])
         with grpc.insecure_channel(request.decode_address) as channel:
             kvtransfer_pb2_grpc.KVTransferStub(channel).Push(iter([chunk]), timeout=10)
         reply = worker_pb2.PrefillResponse(

@@ -154,7 +154,8 @@ class WorkerProcess:
 def spawn_worker(role: str, model_dir: Path, log_dir: Path, *, worker_id: str,
                  kv_cache_memory_bytes: int = 16 << 20, threads: int = 1,
                  kv_lease_s: float | None = None, kv_chunk_bytes: int | None = None,
-                 grace_s: float = 1.0) -> WorkerProcess:
+                 kv_ring_slot_bytes: int | None = None, kv_shared_memory: bool = True,
+                 max_num_batched_tokens: int | None = None, grace_s: float = 1.0) -> WorkerProcess:
     """Start a worker process (not yet ready: call wait_ready)."""
     if role not in ("prefill", "decode"):
         raise ValueError(f"role must be prefill or decode, got {role!r}")
@@ -166,6 +167,12 @@ def spawn_worker(role: str, model_dir: Path, log_dir: Path, *, worker_id: str,
         args += ["--kv-lease-s", str(kv_lease_s)]
     if kv_chunk_bytes is not None:
         args += ["--kv-chunk-bytes", str(kv_chunk_bytes)]
+    if kv_ring_slot_bytes is not None:
+        args += ["--kv-ring-slot-bytes", str(kv_ring_slot_bytes)]
+    if not kv_shared_memory:
+        args += ["--no-kv-shared-memory"]
+    if max_num_batched_tokens is not None:
+        args += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
     log_path = log_dir / f"{worker_id}.log"
     for n in range(1, 1000):  # a worker started again under the same id keeps the old log
         if not log_path.exists():

@@ -21,11 +21,11 @@ def engine_config(model_dir: Path, **overrides) -> EngineConfig:
 @contextlib.contextmanager
 def running_workers(
     model_dir: Path, *, num_prefill: int = 1, num_decode: int = 1, kv_lease_s: float = 30.0,
-    kv_compression: str = "none", **engine_overrides,
+    kv_compression: str = "none", kv_shared_memory: bool = True, **engine_overrides,
 ) -> Iterator[tuple[list[PrefillWorker], list[DecodeWorker]]]:
     config = engine_config(model_dir, **engine_overrides)
     prefill = [PrefillWorker(config, worker_id=f"prefill-{i}", model_name="tiny",
-                             kv_compression=kv_compression)
+                             kv_compression=kv_compression, kv_shared_memory=kv_shared_memory)
                for i in range(num_prefill)]
     decode = [DecodeWorker(config, worker_id=f"decode-{i}", model_name="tiny",
                            kv_lease_s=kv_lease_s) for i in range(num_decode)]

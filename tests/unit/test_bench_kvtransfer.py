@@ -90,7 +90,8 @@ def full_result() -> dict:
                  "num_tokens": 1456, "num_bytes": 64_000_000, "num_chunks": 91,
                  "push_s": 0.4, "push_bytes_per_s": 1.6e8, "copy_s": 0.01,
                  "copy_bytes_per_s": 6.4e9, "stages": stages, "bottleneck": "grpc",
-                 "ratio_push_over_copy": 0.025},
+                 "ratio_push_over_copy": 0.025, "ring_push_s": 0.025,
+                 "ring_push_bytes_per_s": 2.56e9, "ratio_ring_push_over_copy": 0.4},
         "ttft": ttft,
         "hidden": hidden,
         "quality": {"num_prompts": 4, "num_tokens": 8,
@@ -107,6 +108,7 @@ def full_result() -> dict:
 
 def test_the_tracked_ratios():
     assert kvtransfer_report.ratios(full_result()) == {
+        "ring_push_over_copy": 0.4,
         "push_over_copy": 0.025,
         "ttft_disaggregated_over_local_256": 1.5,
         "ttft_disaggregated_over_local_1024": 1.25,
@@ -123,11 +125,13 @@ def test_the_report_names_every_ratio_its_target_and_each_part(tmp_path):
     markdown = kvtransfer_report.render_markdown(result)
     for label in kvtransfer_report.RATIOS.values():
         assert label in markdown
-    assert "| 0.03 | ≥ 0.30: **missed** |" in markdown  # push ÷ copy
+    assert "shared memory ÷ in-process copy, GB/s | 0.40 | ≥ 0.30: met |" in markdown
+    assert "gRPC stream ÷ in-process copy, GB/s | 0.03 |  |" in markdown  # no target
     assert "2048-token prompt | 1.20 | ≤ 1.15: **missed** |" in markdown
-    assert "| **push, end to end** | 0.400 | 0.16 | |" in markdown
+    assert "| **push through shared memory, end to end** | 0.025 | 2.56 | |" in markdown
+    assert "| **push in the gRPC stream, end to end** | 0.400 | 0.16 | |" in markdown
     assert "| gRPC (serialize, loopback, parse) | 0.200 | 0.32 | 50% |" in markdown
-    assert "The slowest stage: **gRPC (serialize, loopback, parse)**" in markdown
+    assert "The stream's slowest stage: **gRPC (serialize, loopback, parse)**" in markdown
     assert "| 1024 | 47.2 | 47.2 | 2.500 | 2.000 | 1.25 |" in markdown
     assert "**hidden share = 1 - exposed / transfer**" in markdown
     assert "| 2048 | 94.4 | 6.000 | 5.000 | 1.000 | 2.000 | 0.50 |" in markdown
@@ -144,7 +148,8 @@ def test_a_partial_run_reports_what_it_has():
         del result[part]
     del result["quality"]
     result["ratios"] = kvtransfer_report.ratios(result)
-    assert [k for k, v in result["ratios"].items() if v is not None] == ["push_over_copy"]
+    assert [k for k, v in result["ratios"].items() if v is not None] == [
+        "ring_push_over_copy", "push_over_copy"]
     markdown = kvtransfer_report.render_markdown(result)
     assert "## Wire" in markdown and "## Time to first token" not in markdown
     assert "2048-token prompt | - | ≤ 1.15 |" in markdown
@@ -152,8 +157,9 @@ def test_a_partial_run_reports_what_it_has():
 
 
 def test_a_target_is_met_on_its_side_of_the_bound():
-    assert kvtransfer_report._target("push_over_copy", 0.3) == "≥ 0.30: met"
+    assert kvtransfer_report._target("ring_push_over_copy", 0.3) == "≥ 0.30: met"
     assert kvtransfer_report._target("ttft_disaggregated_over_local_2048", 1.1) == "≤ 1.15: met"
+    assert kvtransfer_report._target("push_over_copy", 0.03) == ""  # the stream path: reported
     assert kvtransfer_report._target("hidden_share_2048", 0.5) == ""
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import zlib
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ from kvtransfer.codec import (
     ChunkError,
     ChunkErrorReason,
     KVGeometry,
+    checksum,
     chunk_num_bytes,
     decode_chunk,
     encode_chunk,
@@ -158,7 +158,7 @@ def test_scales_that_pass_the_checksum_must_still_be_finite_and_non_negative():
     k, v = kv(1, 20)
     chunk = encode_chunk("t", 0, 0, 0, k, v, compression="int8")
     _negative_scale(chunk)
-    chunk.crc32 = zlib.crc32(chunk.payload + chunk.scales)  # a sender bug, not a corruption
+    chunk.crc32c = checksum(chunk.payload, chunk.scales)  # a sender bug, not a corruption
     with pytest.raises(ChunkError) as info:
         decode_chunk(chunk, GEOM, 0, 20)
     assert info.value.reason is ChunkErrorReason.BAD_COMPRESSION

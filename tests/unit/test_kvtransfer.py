@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 
+from baton.v1 import kvtransfer_pb2
 from kvtransfer.codec import ChunkError, ChunkErrorReason, KVGeometry, decode_chunk, encode_chunk
 from kvtransfer.receiver import FAILURE_REASONS, REFUSAL_REASONS, KVReceiver
 from kvtransfer.sender import iter_chunks
@@ -282,7 +283,7 @@ FAILING_PUSHES = {
     ChunkErrorReason.BAD_RANGE: lambda chunks: chunks[1:2],  # skips the layer's first tokens
     ChunkErrorReason.BAD_SHAPE: lambda chunks: _corrupt(chunks, payload=chunks[0].payload[:-4]),
     ChunkErrorReason.BAD_COMPRESSION: lambda chunks: _corrupt(chunks, compression="zstd"),
-    ChunkErrorReason.CHECKSUM: lambda chunks: _corrupt(chunks, crc32=chunks[0].crc32 ^ 1),
+    ChunkErrorReason.CHECKSUM: lambda chunks: _corrupt(chunks, crc32c=chunks[0].crc32c ^ 1),
     ChunkErrorReason.INCOMPLETE: lambda chunks: chunks[:-1],  # the stream ends early
 }
 
@@ -316,7 +317,8 @@ def test_expired_lease_counts_one_failure():
 
 def test_stream_only_refusals_are_not_failures():
     assert set(REFUSAL_REASONS) == {ChunkErrorReason.UNKNOWN_TRANSFER,
-                                    ChunkErrorReason.STALE_ATTEMPT}
+                                    ChunkErrorReason.STALE_ATTEMPT,
+                                    ChunkErrorReason.RING_UNAVAILABLE}
     assert not set(REFUSAL_REASONS) & set(FAILURE_REASONS)
     k, v = kv(GEOM.num_layers, 10)
     sink = Sink(10)
@@ -325,7 +327,11 @@ def test_stream_only_refusals_are_not_failures():
     rx.expect("t1", "req", 0, 10)
     assert refused(rx, chunks_for(k, v, 0, 10, attempt=1)[:1] + chunks_for(k, v, 0, 10)[:1]) \
         == grpc.StatusCode.FAILED_PRECONDITION  # attempt 0 after attempt 1 began
-    assert sink.refusals == [ChunkErrorReason.UNKNOWN_TRANSFER, ChunkErrorReason.STALE_ATTEMPT]
+    missing_ring = kvtransfer_pb2.KVChunk(transfer_id="t1", attempt=2,
+                                          ring="baton-kv-1-0123456789abcdef")
+    assert refused(rx, [missing_ring]) == grpc.StatusCode.FAILED_PRECONDITION
+    assert sink.refusals == [ChunkErrorReason.UNKNOWN_TRANSFER, ChunkErrorReason.STALE_ATTEMPT,
+                             ChunkErrorReason.RING_UNAVAILABLE]
     assert sink.failures == [] and sink.failed == []
     rx.Push(iter(chunks_for(k, v, 0, 10, attempt=2)), FakeContext())
     assert sink.completed == [("req", 7)] and len(sink.seconds) == 1
