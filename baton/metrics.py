@@ -48,6 +48,17 @@ class RouterMetrics:
         self.generation_tokens = Counter(
             "baton_generation_tokens_total", "Generated tokens.", ["model"], registry=registry,
         ).labels(model)
+        self.request_retries = Counter(
+            "baton_request_retries_total",
+            "Requests sent to other workers before their first token: a decode worker that was "
+            "unavailable, or a failed prefill done on the decode worker instead.",
+            ["model"], registry=registry,
+        ).labels(model)
+        self.request_migrations = Counter(
+            "baton_request_migrations_total",
+            "Requests moved to another decode worker after theirs failed mid-stream.",
+            ["model"], registry=registry,
+        ).labels(model)
 
     def request_finished(self, finish_reason: str) -> None:
         self._requests.labels(self.model, finish_reason).inc()

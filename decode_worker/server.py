@@ -2,7 +2,9 @@
 
 Request lifecycle here:
   LOCAL:  Generate -> engine.add_request -> tokens stream back as steps produce them; the first
-          TokenBatch carries the prompt tokens found in the prefix cache (num_cached_tokens).
+          TokenBatch carries the prompt tokens found in the prefix cache (num_cached_tokens). A
+          request another decode worker started comes with the tokens it generated
+          (output_token_ids): they are computed after the prompt and generation resumes.
   REMOTE: Generate -> engine.reserve (the prompt's cached blocks, new blocks for the rest) +
           receiver.expect (lease) -> first message Reserved (num_cached_tokens) -> a prefill worker
           pushes the KV of the uncached tokens (KVTransfer.Push, validated, written into the
@@ -80,6 +82,9 @@ class DecodeWorker(WorkerServer, worker_pb2_grpc.DecodeServicer):
         if not rid or (remote and not request.transfer_id):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "request_id (and transfer_id for remote prefill) must be set")
+        if remote and request.output_token_ids:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "output_token_ids (a resumed request) need prefill_mode LOCAL")
         try:
             outputs = self.loop.subscribe(rid)
         except ValueError as exc:
@@ -109,7 +114,8 @@ class DecodeWorker(WorkerServer, worker_pb2_grpc.DecodeServicer):
                     transfer_id=request.transfer_id, num_cached_tokens=num_cached,
                     num_blocks=-(-len(prompt) // self.engine.block_size)))
             else:
-                self.loop.call(self.engine.add_request, rid, prompt, sampling)
+                self.loop.call(lambda: self.engine.add_request(
+                    rid, prompt, sampling, output_token_ids=request.output_token_ids))
         except Exception as exc:  # noqa: BLE001  refused up front: nothing is left allocated
             self.loop.unsubscribe(rid)
             finished = True

@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -170,8 +171,13 @@ class LLMEngine:
         sampling: SamplingParams,
         *,
         prefill_only: bool = False,
+        output_token_ids: Iterable[int] = (),
     ) -> None:
-        seq = self._new_sequence(request_id, prompt_token_ids, sampling, prefill_only)
+        """output_token_ids: tokens generated for this request elsewhere (a decode worker that
+        failed); they are computed after the prompt and count as its outputs, so the request
+        resumes where it stopped (for greedy or seeded sampling, with the same tokens)."""
+        seq = self._new_sequence(request_id, prompt_token_ids, sampling, prefill_only,
+                                 output_token_ids)
         self.scheduler.add(seq)
         logger.debug("request %s: added, %d prompt tokens", request_id, seq.num_prompt_tokens)
 
@@ -312,16 +318,24 @@ class LLMEngine:
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         prefill_only: bool,
+        output_token_ids: Iterable[int] = (),
     ) -> Sequence:
-        prompt = list(prompt_token_ids)
+        prompt, outputs = list(prompt_token_ids), list(output_token_ids)
         check_prompt(len(prompt), sampling.max_tokens, self.max_model_len)
         vocab = self.model_config.vocab_size
-        if prompt and (min(prompt) < 0 or max(prompt) >= vocab):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        for name, ids in (("prompt", prompt), ("output_token_ids", outputs)):
+            if ids and (min(ids) < 0 or max(ids) >= vocab):
+                raise InvalidRequestError(f"{name} token ids must be in [0, {vocab})", name)
+        if outputs and (prefill_only or len(outputs) >= sampling.max_tokens
+                        or len(prompt) + len(outputs) >= self.max_model_len):
+            raise InvalidRequestError(
+                f"{len(outputs)} output tokens leave nothing to generate (max_tokens "
+                f"{sampling.max_tokens}, context {self.max_model_len}), or the request is "
+                "prefill-only", "output_token_ids")
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
         return Sequence(
             request_id=request_id,
-            token_ids=prompt,
+            token_ids=prompt + outputs,
             num_prompt_tokens=len(prompt),
             sampling=sampling,
             seed=seed,

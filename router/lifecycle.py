@@ -13,7 +13,11 @@ Failure handling, all before the client has seen a token unless noted:
     (D frees the reservation) and the request is prefilled locally on the same D.
   - D is UNAVAILABLE: another ready D is tried (up to `max_attempts`).
   - INVALID_ARGUMENT / RESOURCE_EXHAUSTED from a worker become 400 / 429 for the client.
-  - A failure after the first token ends the request with an error (migration: a later issue).
+  - D becomes UNAVAILABLE after tokens reached the client (it died mid-stream): the request
+    migrates. Another D gets it LOCAL with the tokens generated so far (output_token_ids), computes
+    them after the prompt and resumes: the client's stream goes on with no token lost or repeated,
+    and for greedy or seeded sampling with the very tokens the first D would have produced.
+  Each retry before the first token and each migration is counted (on_retry, on_migration).
 Leaving the generator early (stop string, client gone, Abort) cancels the open calls and sends
 Abort to every worker that holds the request, so no KV is stranded. A handle aborted before the
 request opens a call (or between two calls) opens nothing more and ends as "abort".
@@ -115,9 +119,11 @@ class ChannelPool:
 
 class Dispatcher:
     def __init__(self, config: RouterConfig, workers: Callable[[], list[WorkerInfo]],
-                 max_attempts: int = 3) -> None:
+                 max_attempts: int = 3, on_retry: Callable[[], None] = lambda: None,
+                 on_migration: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self._workers = workers
+        self._on_retry, self._on_migration = on_retry, on_migration
         self.channels = ChannelPool()
         self.inflight: dict[str, int] = {}  # worker_id -> this router's open requests on it
         self._max_attempts = max_attempts
@@ -138,24 +144,26 @@ class Dispatcher:
             return
         excluded: set[str] = set()
         last_error: RouterError | None = None
+        generated: list[int] = []  # the tokens the client has: a migration resumes after them
         for attempt in range(1, self._max_attempts + 1):
             try:
-                plan = self._plan(frozenset(excluded))
+                plan = self._plan(frozenset(excluded), allow_remote=not generated)
             except RouterError:
                 if last_error is not None:  # no other decode worker to try
                     raise last_error from None
                 raise
             handle.decode_worker = plan.decode.worker_id
             handle.prefill_worker = plan.prefill.worker_id if plan.prefill else None
-            log.info("request_id=%s: attempt %d: decode=%s prefill=%s (%d prompt tokens)", rid,
+            log.info("request_id=%s: attempt %d: decode=%s prefill=%s (%d prompt tokens%s)", rid,
                      attempt, plan.decode.worker_id,
-                     plan.prefill.worker_id if plan.prefill else "local", req.num_prompt_tokens)
-            emitted = False
+                     plan.prefill.worker_id if plan.prefill else "local", req.num_prompt_tokens,
+                     f", resuming after {len(generated)} generated" if generated else "")
             self._acquire(plan)
             try:
-                async with contextlib.aclosing(self._attempt(req, handle, plan, deadline)) as events:
+                async with contextlib.aclosing(
+                        self._attempt(req, handle, plan, deadline, tuple(generated))) as events:
                     async for event in events:
-                        emitted = True
+                        generated += event.token_ids
                         yield event
                         if event.finish_reason is not None:
                             return
@@ -165,16 +173,25 @@ class Dispatcher:
                 last_error = RouterError(
                     ErrorKind.UNAVAILABLE,
                     f"decode worker {plan.decode.worker_id} is unavailable: {exc}")
-                if emitted or attempt == self._max_attempts:
+                if attempt == self._max_attempts:
                     raise last_error from None
-                log.warning("request_id=%s: decode worker %s unavailable (%s), trying another",
-                            rid, plan.decode.worker_id, exc)
+                if generated:
+                    log.warning("request_id=%s: decode worker %s failed after %d tokens (%s); "
+                                "migrating the request", rid, plan.decode.worker_id,
+                                len(generated), exc)
+                    self._on_migration()
+                else:
+                    log.warning("request_id=%s: decode worker %s unavailable (%s), trying "
+                                "another", rid, plan.decode.worker_id, exc)
+                    self._on_retry()
                 excluded.add(plan.decode.worker_id)
             finally:
                 self._release(plan)
 
     async def _attempt(self, req: GenerationRequest, handle: RequestHandle, plan: RoutePlan,
-                       deadline: float) -> AsyncIterator[TokenEvent]:
+                       deadline: float, generated: tuple[int, ...]) -> AsyncIterator[TokenEvent]:
+        """One decode worker's part of the request; generated: the tokens an earlier decode
+        worker streamed (plan is then LOCAL), after which this one resumes."""
         rid = req.request_id
         decode = worker_pb2_grpc.DecodeStub(self.channels.get(plan.decode.grpc_address))
         d_call = None
@@ -190,6 +207,7 @@ class Dispatcher:
                 except _PrefillFailed as exc:
                     log.warning("request_id=%s: prefill on %s failed (%s); prefilling locally "
                                 "on %s", rid, plan.prefill.worker_id, exc, plan.decode.worker_id)
+                    self._on_retry()
                     self._forget(handle, d_call)
                     d_call = None
                     self.abort_on(plan.decode, handle.worker_request_id)
@@ -197,10 +215,10 @@ class Dispatcher:
                 else:
                     yield TokenEvent([first], logprobs=None if first_logprob is None
                                      else [first_logprob])
-            first_local = d_call is None
-            if first_local:
+            first_local = d_call is None and not generated  # it reports the prompt's cache hits
+            if d_call is None:
                 d_call = self._open_decode(decode, req, handle, deadline,
-                                           worker_pb2.PREFILL_MODE_LOCAL, "")
+                                           worker_pb2.PREFILL_MODE_LOCAL, "", generated)
             while True:
                 msg = await self._read(d_call, handle, plan.decode)
                 if msg is None:
@@ -239,7 +257,7 @@ class Dispatcher:
                     self.abort_on(plan.prefill, handle.worker_request_id)
 
     def _open_decode(self, stub, req: GenerationRequest, handle: RequestHandle, deadline: float,
-                     mode: int, transfer_id: str):
+                     mode: int, transfer_id: str, generated: tuple[int, ...] = ()):
         if handle.aborted:  # while an earlier call or attempt was ending: open nothing new
             raise asyncio.CancelledError()
         n = handle.num_attempts
@@ -247,7 +265,8 @@ class Dispatcher:
         handle.worker_request_id = req.request_id if n == 0 else f"{req.request_id}~{n}"
         request = worker_pb2.DecodeRequest(
             request_id=handle.worker_request_id, prompt_token_ids=req.prompt_token_ids,
-            sampling=sampling_to_proto(req.sampling), prefill_mode=mode, transfer_id=transfer_id)
+            sampling=sampling_to_proto(req.sampling), prefill_mode=mode, transfer_id=transfer_id,
+            output_token_ids=generated)
         call = stub.Generate(request, timeout=_remaining(deadline))
         handle.calls.add(call)
         return call
@@ -315,9 +334,10 @@ class Dispatcher:
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
-    def _plan(self, excluded: frozenset[str]) -> RoutePlan:
+    def _plan(self, excluded: frozenset[str], allow_remote: bool = True) -> RoutePlan:
         try:
-            return plan_route(self._workers(), self.inflight, exclude=excluded)
+            return plan_route(self._workers(), self.inflight, exclude=excluded,
+                              allow_remote=allow_remote)
         except NoWorkerError as exc:
             raise RouterError(ErrorKind.UNAVAILABLE, str(exc), code="no_worker") from None
 

@@ -91,7 +91,9 @@ class GenerationService:
         self.builder = RequestBuilder(tokenizer, model_name=config.model_name,
                                       max_model_len=max_model_len, vocab_size=vocab_size,
                                       max_stop_strings=config.max_stop_strings)
-        self.dispatcher = Dispatcher(config, directory.workers)
+        self.dispatcher = Dispatcher(config, directory.workers,
+                                     on_retry=metrics.request_retries.inc,
+                                     on_migration=metrics.request_migrations.inc)
         self._requests: dict[str, list[RequestHandle]] = {}  # request id -> one per choice
         self._num_active = 0
 

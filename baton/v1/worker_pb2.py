@@ -25,37 +25,37 @@ _sym_db = _symbol_database.Default()
 from baton.v1 import common_pb2 as baton_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/worker.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\xab\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12+\n\x0cprefill_mode\x18\x04 \x01(\x0e\x32\x15.baton.v1.PrefillMode\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\"i\n\x0e\x44\x65\x63odeResponse\x12&\n\x08reserved\x18\x01 \x01(\x0b\x32\x12.baton.v1.ReservedH\x00\x12&\n\x06tokens\x18\x02 \x01(\x0b\x32\x14.baton.v1.TokenBatchH\x00\x42\x07\n\x05\x65vent\"N\n\x08Reserved\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\"\x93\x01\n\nTokenBatch\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12(\n\x08logprobs\x18\x03 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\"\xc1\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x05 \x01(\t\x12\x17\n\x0fnum_skip_tokens\x18\x06 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\"\xa3\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x14\n\x0cnum_kv_bytes\x18\x03 \x01(\x03\x12\x33\n\x13\x66irst_token_logprob\x18\x04 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\"(\n\x12WorkerAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\x13WorkerAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\r\n\x0bLoadRequest\"u\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x10\n\x08kv_usage\x18\x03 \x01(\x02\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\x05*\\\n\x0bPrefillMode\x12\x1c\n\x18PREFILL_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12PREFILL_MODE_LOCAL\x10\x01\x12\x17\n\x13PREFILL_MODE_REMOTE\x10\x02\x32\xc1\x01\n\x06\x44\x65\x63ode\x12?\n\x08Generate\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.baton.v1.WorkerAbortRequest\x1a\x1d.baton.v1.WorkerAbortResponse\x12\x30\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x0e.baton.v1.Load2\xc1\x01\n\x07Prefill\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x44\n\x05\x41\x62ort\x12\x1c.baton.v1.WorkerAbortRequest\x1a\x1d.baton.v1.WorkerAbortResponse\x12\x30\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x0e.baton.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/worker.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\xc5\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12+\n\x0cprefill_mode\x18\x04 \x01(\x0e\x32\x15.baton.v1.PrefillMode\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\x12\x18\n\x10output_token_ids\x18\x06 \x03(\x05\"i\n\x0e\x44\x65\x63odeResponse\x12&\n\x08reserved\x18\x01 \x01(\x0b\x32\x12.baton.v1.ReservedH\x00\x12&\n\x06tokens\x18\x02 \x01(\x0b\x32\x14.baton.v1.TokenBatchH\x00\x42\x07\n\x05\x65vent\"N\n\x08Reserved\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\"\x93\x01\n\nTokenBatch\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12(\n\x08logprobs\x18\x03 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\"\xc1\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x05 \x01(\t\x12\x17\n\x0fnum_skip_tokens\x18\x06 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\"\xa3\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x14\n\x0cnum_kv_bytes\x18\x03 \x01(\x03\x12\x33\n\x13\x66irst_token_logprob\x18\x04 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\"(\n\x12WorkerAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\x13WorkerAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\r\n\x0bLoadRequest\"u\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x10\n\x08kv_usage\x18\x03 \x01(\x02\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\x05*\\\n\x0bPrefillMode\x12\x1c\n\x18PREFILL_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12PREFILL_MODE_LOCAL\x10\x01\x12\x17\n\x13PREFILL_MODE_REMOTE\x10\x02\x32\xc1\x01\n\x06\x44\x65\x63ode\x12?\n\x08Generate\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.baton.v1.WorkerAbortRequest\x1a\x1d.baton.v1.WorkerAbortResponse\x12\x30\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x0e.baton.v1.Load2\xc1\x01\n\x07Prefill\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x44\n\x05\x41\x62ort\x12\x1c.baton.v1.WorkerAbortRequest\x1a\x1d.baton.v1.WorkerAbortResponse\x12\x30\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x0e.baton.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREFILLMODE']._serialized_start=1145
-  _globals['_PREFILLMODE']._serialized_end=1237
+  _globals['_PREFILLMODE']._serialized_start=1171
+  _globals['_PREFILLMODE']._serialized_end=1263
   _globals['_DECODEREQUEST']._serialized_start=59
-  _globals['_DECODEREQUEST']._serialized_end=230
-  _globals['_DECODERESPONSE']._serialized_start=232
-  _globals['_DECODERESPONSE']._serialized_end=337
-  _globals['_RESERVED']._serialized_start=339
-  _globals['_RESERVED']._serialized_end=417
-  _globals['_TOKENBATCH']._serialized_start=420
-  _globals['_TOKENBATCH']._serialized_end=567
-  _globals['_PREFILLREQUEST']._serialized_start=570
-  _globals['_PREFILLREQUEST']._serialized_end=763
-  _globals['_PREFILLRESPONSE']._serialized_start=766
-  _globals['_PREFILLRESPONSE']._serialized_end=929
-  _globals['_WORKERABORTREQUEST']._serialized_start=931
-  _globals['_WORKERABORTREQUEST']._serialized_end=971
-  _globals['_WORKERABORTRESPONSE']._serialized_start=973
-  _globals['_WORKERABORTRESPONSE']._serialized_end=1009
-  _globals['_LOADREQUEST']._serialized_start=1011
-  _globals['_LOADREQUEST']._serialized_end=1024
-  _globals['_LOAD']._serialized_start=1026
-  _globals['_LOAD']._serialized_end=1143
-  _globals['_DECODE']._serialized_start=1240
-  _globals['_DECODE']._serialized_end=1433
-  _globals['_PREFILL']._serialized_start=1436
-  _globals['_PREFILL']._serialized_end=1629
+  _globals['_DECODEREQUEST']._serialized_end=256
+  _globals['_DECODERESPONSE']._serialized_start=258
+  _globals['_DECODERESPONSE']._serialized_end=363
+  _globals['_RESERVED']._serialized_start=365
+  _globals['_RESERVED']._serialized_end=443
+  _globals['_TOKENBATCH']._serialized_start=446
+  _globals['_TOKENBATCH']._serialized_end=593
+  _globals['_PREFILLREQUEST']._serialized_start=596
+  _globals['_PREFILLREQUEST']._serialized_end=789
+  _globals['_PREFILLRESPONSE']._serialized_start=792
+  _globals['_PREFILLRESPONSE']._serialized_end=955
+  _globals['_WORKERABORTREQUEST']._serialized_start=957
+  _globals['_WORKERABORTREQUEST']._serialized_end=997
+  _globals['_WORKERABORTRESPONSE']._serialized_start=999
+  _globals['_WORKERABORTRESPONSE']._serialized_end=1035
+  _globals['_LOADREQUEST']._serialized_start=1037
+  _globals['_LOADREQUEST']._serialized_end=1050
+  _globals['_LOAD']._serialized_start=1052
+  _globals['_LOAD']._serialized_end=1169
+  _globals['_DECODE']._serialized_start=1266
+  _globals['_DECODE']._serialized_end=1459
+  _globals['_PREFILL']._serialized_start=1462
+  _globals['_PREFILL']._serialized_end=1655
 # @@protoc_insertion_point(module_scope)

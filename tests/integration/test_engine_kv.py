@@ -184,3 +184,34 @@ def test_reserve_refuses_when_full_and_validates():
         d.reserve("long", [1] * 200, sampling)
     with pytest.raises(InvalidRequestError, match="already in use"):
         small.reserve("a", [1] * 4, sampling)
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True),
+    SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=NUM_NEW, ignore_eos=True,
+                   frequency_penalty=0.5, presence_penalty=0.3),
+], ids=["greedy", "seeded-with-penalties"])
+def test_a_request_resumed_from_its_outputs_continues_with_the_same_tokens(sampling):
+    """A decode worker that fails after k tokens: another engine, given the prompt and those k
+    outputs, generates exactly the rest (the same sampler positions and penalty counts), and
+    max_tokens counts the k."""
+    engine = new_engine()
+    prompt = prompts(n=3)[2]
+    engine.add_request("whole", prompt, sampling)
+    whole = drain(engine)[0]["whole"]
+    assert len(whole) == NUM_NEW
+    for k in (1, 5, NUM_NEW - 1):
+        engine.add_request(f"resumed-{k}", prompt, sampling, output_token_ids=whole[:k])
+        tokens, reasons = drain(engine)
+        assert whole[:k] + tokens[f"resumed-{k}"] == whole, k
+        assert reasons[f"resumed-{k}"] is FinishReason.LENGTH
+
+
+def test_resuming_refuses_outputs_that_leave_nothing_to_generate():
+    engine = new_engine()
+    sampling = SamplingParams(temperature=0.0, max_tokens=4)
+    with pytest.raises(InvalidRequestError, match="leave nothing to generate"):
+        engine.add_request("r", [5, 6, 7], sampling, output_token_ids=[1, 2, 3, 4])
+    with pytest.raises(InvalidRequestError, match=r"output_token_ids token ids must be in"):
+        engine.add_request("r", [5, 6, 7], sampling, output_token_ids=[10**9])
+    assert not engine.has_unfinished()

@@ -288,6 +288,26 @@ def test_failure_after_first_token_reaches_the_stream(start_cluster, router) -> 
     assert error["type"] == "service_unavailable_error"
 
 
+@pytest.mark.parametrize("num_prefill", [0, 1])
+def test_decode_failure_mid_stream_migrates_without_losing_a_token(
+        start_cluster, router, tokenizer, reply_ids, num_prefill) -> None:
+    cluster = start_cluster(num_decode=2, num_prefill=num_prefill)
+    cluster.decode[0].behavior = FakeBehavior(fail_after_tokens=3)  # picked first: smaller id
+    cluster.decode[1].behavior = FakeBehavior()
+    migrations = router.metrics.request_migrations._value.get()
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 8, "stream": True}
+    with httpx.Client(base_url=router.http_url, timeout=30) as http:
+        lines = [line for line in http.post("/v1/completions", json=body).text.splitlines() if line]
+    assert lines[-1] == "data: [DONE]"
+    text = "".join(c["text"] for line in lines[:-1] for c in json.loads(line[6:])["choices"])
+    assert text == tokenizer.decode(reply_ids[:8])  # every token once, in order
+    (resumed,) = cluster.decode[1].requests
+    assert resumed.prefill_mode == worker_pb2.PREFILL_MODE_LOCAL
+    # P's first token (when there is a P) and D0's three before it failed
+    assert list(resumed.output_token_ids) == reply_ids[:3 + num_prefill]
+    assert router.metrics.request_migrations._value.get() == migrations + 1
+
+
 def test_request_deadline(model_dir, reply_ids) -> None:
     directory = StaticWorkerDirectory([])
     config = RouterConfig(model_name=MODEL, model_dir=str(model_dir), http_port=0, grpc_port=0,

@@ -179,8 +179,10 @@ class FakeDecodeWorker(_FakeServer, worker_pb2_grpc.DecodeServicer,
                     context.abort(grpc.StatusCode.ABORTED, "KV transfer lease expired")
             assert first == tokens[:1], (first, tokens[:1])
             tokens_to_send, position = tokens[1:], 1
-        else:
-            tokens_to_send, position = tokens, 0
+        else:  # a migrated request resumes after the tokens the failed worker streamed
+            resumed = list(request.output_token_ids)
+            assert resumed == tokens[:len(resumed)], (resumed, tokens[:len(resumed)])
+            tokens_to_send, position = tokens[len(resumed):], len(resumed)
         sent = 0
         step = max(1, b.tokens_per_batch)
         batches = [tokens_to_send[i:i + step] for i in range(0, len(tokens_to_send), step)]
