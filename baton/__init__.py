@@ -14,13 +14,15 @@ __version__ = "0.1.0"
 _SDK_NAMES = (
     "Client", "AsyncClient", "Result", "Choice", "Chunk", "TokenLogprob", "Usage", "ModelInfo",
     "BatonError",
-    "BadRequestError", "OverloadedError", "UnavailableError", "DeadlineExceededError",
+    "BadRequestError", "AuthenticationError", "OverloadedError", "UnavailableError",
+    "DeadlineExceededError",
 )
 __all__ = list(_SDK_NAMES)
 
 if TYPE_CHECKING:
     from baton.client import (  # noqa: F401
         AsyncClient,
+        AuthenticationError,
         BadRequestError,
         BatonError,
         Choice,

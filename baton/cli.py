@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser(
         "chat", help="send one chat message and stream the answer",
         description="Send one user message to a running cluster and stream the reply to stdout. "
-        "Uses the gRPC SDK (baton.Client) by default, or the OpenAI HTTP API with --url.",
+        "Uses the gRPC SDK (baton.Client) by default, or the OpenAI HTTP API with --url. A router "
+        "that wants an API key gets the BATON_API_KEY environment variable.",
     )
     chat.add_argument("message", help="the user message")
     where = chat.add_mutually_exclusive_group()
@@ -252,11 +254,13 @@ def _chat_http(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
     body = {"messages": _messages(args), "temperature": args.temperature,
             "max_tokens": args.max_tokens, "stream": True}
+    key = os.environ.get("BATON_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        models = httpx.get(f"{base}/v1/models", timeout=10).json().get("data", [])
+        models = httpx.get(f"{base}/v1/models", headers=headers, timeout=10).json().get("data", [])
         if models:
             body["model"] = models[0]["id"]
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body,
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers,
                           timeout=args.timeout) as response:
             if response.status_code != 200:
                 response.read()

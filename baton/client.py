@@ -16,7 +16,8 @@ log-probability and its k most likely alternatives (Chunk.logprobs); `n` asks fo
 prompt (chunks carry their choice index; Result.choices holds them all, Result.text is choice
 0's). `timeout` is the deadline of the whole call (retries included). A call that fails with
 UNAVAILABLE before any token arrived is retried with backoff up to `max_retries` times; later
-failures raise. Failures raise BatonError subclasses named after their cause.
+failures raise. Failures raise BatonError subclasses named after their cause. A router that wants
+an API key gets `api_key` (default: the BATON_API_KEY environment variable) with every call.
 This module imports grpc and the generated stubs only (no torch, no engine), which is why
 TokenLogprob and its conversion here mirror engine.request.TokenLogprob and baton.wire's.
 """
@@ -24,6 +25,7 @@ TokenLogprob and its conversion here mirror engine.request.TokenLogprob and bato
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -121,6 +123,10 @@ class BadRequestError(BatonError):
     """The request can never succeed as sent (the message names the parameter)."""
 
 
+class AuthenticationError(BatonError):
+    """The router wants an API key (api_key=, or BATON_API_KEY) and got none, or a wrong one."""
+
+
 class OverloadedError(BatonError):
     """The cluster has no capacity right now; retry later."""
 
@@ -135,6 +141,7 @@ class DeadlineExceededError(BatonError):
 
 _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: BadRequestError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
@@ -240,7 +247,7 @@ def _result(chunks: list[Chunk]) -> Result:
 
 class _Base:
     def __init__(self, address: str, *, model: str | None, timeout: float, max_retries: int,
-                 retry_backoff_s: float) -> None:
+                 retry_backoff_s: float, api_key: str | None) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if max_retries < 0:
@@ -250,6 +257,8 @@ class _Base:
         self.timeout = timeout
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
+        api_key = api_key if api_key is not None else os.environ.get("BATON_API_KEY")
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     def _backoff(self, attempt: int, deadline: float) -> float | None:
         """Seconds to wait before retry `attempt` (1-based), or None when out of retries/time."""
@@ -263,9 +272,10 @@ class Client(_Base):
     """Blocking client. Thread-safe; one channel per client. Use as a context manager."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, model: str | None = None,
-                 timeout: float = 300.0, max_retries: int = 3, retry_backoff_s: float = 0.2) -> None:
+                 timeout: float = 300.0, max_retries: int = 3, retry_backoff_s: float = 0.2,
+                 api_key: str | None = None) -> None:
         super().__init__(address, model=model, timeout=timeout, max_retries=max_retries,
-                         retry_backoff_s=retry_backoff_s)
+                         retry_backoff_s=retry_backoff_s, api_key=api_key)
         self._channel = grpc.insecure_channel(address)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
@@ -280,7 +290,7 @@ class Client(_Base):
         attempt = 0
         while True:
             call = self._stub.Generate(req, timeout=max(0.001, deadline - time.monotonic()),
-                                       wait_for_ready=attempt > 0)
+                                       wait_for_ready=attempt > 0, metadata=self._metadata)
             received = False
             try:
                 for msg in call:
@@ -304,14 +314,15 @@ class Client(_Base):
     def abort(self, request_id: str, timeout: float = 10.0) -> bool:
         try:
             reply = self._stub.Abort(generation_pb2.AbortRequest(request_id=request_id),
-                                     timeout=timeout)
+                                     timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return reply.found
 
     def list_models(self, timeout: float = 10.0) -> list[ModelInfo]:
         try:
-            reply = self._stub.ListModels(generation_pb2.ListModelsRequest(), timeout=timeout)
+            reply = self._stub.ListModels(generation_pb2.ListModelsRequest(), timeout=timeout,
+                                          metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return [ModelInfo(m.id, m.max_model_len) for m in reply.models]
@@ -330,9 +341,10 @@ class AsyncClient(_Base):
     """asyncio client. Create and use it inside one event loop; `await client.close()`."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, model: str | None = None,
-                 timeout: float = 300.0, max_retries: int = 3, retry_backoff_s: float = 0.2) -> None:
+                 timeout: float = 300.0, max_retries: int = 3, retry_backoff_s: float = 0.2,
+                 api_key: str | None = None) -> None:
         super().__init__(address, model=model, timeout=timeout, max_retries=max_retries,
-                         retry_backoff_s=retry_backoff_s)
+                         retry_backoff_s=retry_backoff_s, api_key=api_key)
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
@@ -347,7 +359,7 @@ class AsyncClient(_Base):
         attempt = 0
         while True:
             call = self._stub.Generate(req, timeout=max(0.001, deadline - time.monotonic()),
-                                       wait_for_ready=attempt > 0)
+                                       wait_for_ready=attempt > 0, metadata=self._metadata)
             received = False
             try:
                 async for msg in call:
@@ -371,7 +383,7 @@ class AsyncClient(_Base):
     async def abort(self, request_id: str, timeout: float = 10.0) -> bool:
         try:
             reply = await self._stub.Abort(generation_pb2.AbortRequest(request_id=request_id),
-                                           timeout=timeout)
+                                           timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
         return reply.found
@@ -379,7 +391,7 @@ class AsyncClient(_Base):
     async def list_models(self, timeout: float = 10.0) -> list[ModelInfo]:
         try:
             reply = await self._stub.ListModels(generation_pb2.ListModelsRequest(),
-                                                timeout=timeout)
+                                                timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
         return [ModelInfo(m.id, m.max_model_len) for m in reply.models]

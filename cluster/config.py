@@ -122,6 +122,7 @@ class RouterSection:
     grpc_port: int = 50051  # 0 = any free port
     request_timeout_s: float = 300.0
     num_cpus: float = 1.0
+    api_keys_file: str | None = None  # one key per line; None = the public API is open
 
     def __post_init__(self) -> None:
         for name in ("http_port", "grpc_port"):

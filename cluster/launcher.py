@@ -236,6 +236,7 @@ class Cluster:
         }
 
     def _router_config(self) -> Any:
+        from router.auth import read_keys_file
         from router.config import RouterConfig
 
         r = self.config.router
@@ -243,6 +244,7 @@ class Cluster:
             host=r.host, http_port=r.http_port, grpc_port=r.grpc_port,
             model_name=served_model_name(self.config.model), model_dir=str(self.model_dir),
             request_timeout_s=r.request_timeout_s,
+            api_keys=tuple(read_keys_file(r.api_keys_file)) if r.api_keys_file else (),
         )
 
     def _wait_all(self, starts: dict[Any, str]) -> dict[Any, Any]:

@@ -6,7 +6,7 @@ never written back here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class RouterConfig:
     max_stop_strings: int = 16
     max_inflight_requests: int = 1024  # beyond this the router answers 429
     graceful_shutdown_s: float = 5.0
+    # Keys clients must send (router/auth.py); empty = the public API is open. Kept out of repr.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -51,3 +53,5 @@ class RouterConfig:
             raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
         if self.max_inflight_requests <= 0:
             raise ValueError(f"max_inflight_requests must be > 0, got {self.max_inflight_requests}")
+        if any(not key or key != key.strip() or " " in key for key in self.api_keys):
+            raise ValueError("api_keys must be non-empty strings without spaces")

@@ -15,6 +15,7 @@ from engine.request import InvalidRequestError
 class ErrorKind(enum.Enum):
     # (HTTP status, OpenAI error type, gRPC status code name)
     INVALID_REQUEST = (400, "invalid_request_error", "INVALID_ARGUMENT")
+    UNAUTHENTICATED = (401, "authentication_error", "UNAUTHENTICATED")
     NOT_FOUND = (404, "not_found_error", "NOT_FOUND")
     OVERLOADED = (429, "rate_limit_error", "RESOURCE_EXHAUSTED")
     UNAVAILABLE = (503, "service_unavailable_error", "UNAVAILABLE")

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from baton.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from baton.wire import GRPC_OPTIONS, logprob_to_proto
+from router.auth import ApiKeyInterceptor, ApiKeys
 from router.errors import RouterError
 from router.requests import SAMPLING_ARGS
 from router.service import GenerationService, Output
@@ -117,7 +118,9 @@ def create_server(service: GenerationService, host: str, port: int) -> tuple[grp
 
     Returns (server, bound port, health servicer).
     """
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    keys = ApiKeys(service.config.api_keys)
+    interceptors = [ApiKeyInterceptor(keys)] if keys.required else []
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

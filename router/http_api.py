@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.request import TokenLogprob
+from router.auth import ApiKeys
 from router.errors import ErrorKind, RouterError
 from router.logprobs import TokenTexts, completion_logprobs
 from router.openai_schema import ChatCompletionRequest, CompletionRequest, check_unsupported
@@ -80,6 +81,19 @@ def create_app(service: GenerationService, directory: WorkerDirectory,
         kind = ErrorKind.NOT_FOUND if exc.status_code == 404 else ErrorKind.INVALID_REQUEST
         body = RouterError(kind, str(exc.detail)).to_openai()
         return JSONResponse(body, status_code=exc.status_code)
+
+    keys = ApiKeys(config.api_keys)
+    if keys.required:
+        @app.middleware("http")
+        async def _api_key(request: Request, call_next):
+            if request.url.path.startswith("/v1/"):
+                why = keys.check(request.headers.get("authorization"))
+                if why is not None:
+                    body = RouterError(ErrorKind.UNAUTHENTICATED, why,
+                                       code="invalid_api_key").to_openai()
+                    return JSONResponse(body, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
 
     texts = TokenTexts(service.tokenizer)
 
