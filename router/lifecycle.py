@@ -10,7 +10,8 @@
 
 Failure handling, all before the client has seen a token unless noted:
   - P fails (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...): the REMOTE attempt on D is cancelled
-    (D frees the reservation) and the request is prefilled locally on the same D.
+    (D frees the reservation) and the request is prefilled by another ready P (a new REMOTE
+    attempt on the same D), or, when none is left or that one fails too, locally on the same D.
   - D is UNAVAILABLE: another ready D is tried (up to `max_attempts`).
   - INVALID_ARGUMENT / RESOURCE_EXHAUSTED from a worker become 400 / 429 for the client.
   - D becomes UNAVAILABLE after tokens reached the client (it died mid-stream): the request
@@ -42,16 +43,19 @@ from router.config import RouterConfig
 from router.errors import ErrorKind, RouterError, from_worker_status
 from router.registry import WorkerInfo
 from router.requests import GenerationRequest
-from router.routing import NoWorkerError, RoutePlan, plan_route
+from router.routing import NoWorkerError, RoutePlan, choose_least_loaded, plan_route
 
 log = logging.getLogger(__name__)
 
-# P failures after which the same D prefills locally instead.
+# P failures after which another P, or else the same D, prefills instead.
 _PREFILL_FALLBACK_CODES = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.CANCELLED, grpc.StatusCode.UNIMPLEMENTED,
 })
+
+
+MAX_PREFILL_ATTEMPTS = 2  # prefill workers tried for one request before D prefills it itself
 
 
 @dataclass
@@ -158,7 +162,7 @@ class Dispatcher:
                      attempt, plan.decode.worker_id,
                      plan.prefill.worker_id if plan.prefill else "local", req.num_prompt_tokens,
                      f", resuming after {len(generated)} generated" if generated else "")
-            self._acquire(plan)
+            self._acquire(plan.decode, plan.prefill)
             try:
                 async with contextlib.aclosing(
                         self._attempt(req, handle, plan, deadline, tuple(generated))) as events:
@@ -186,7 +190,7 @@ class Dispatcher:
                     self._on_retry()
                 excluded.add(plan.decode.worker_id)
             finally:
-                self._release(plan)
+                self._release(plan.decode, plan.prefill)
 
     async def _attempt(self, req: GenerationRequest, handle: RequestHandle, plan: RoutePlan,
                        deadline: float, generated: tuple[int, ...]) -> AsyncIterator[TokenEvent]:
@@ -196,25 +200,36 @@ class Dispatcher:
         decode = worker_pb2_grpc.DecodeStub(self.channels.get(plan.decode.grpc_address))
         d_call = None
         finished = False
+        prefill = plan.prefill  # the prefill worker of the REMOTE attempt under way, if any
+        failed_prefills: list[WorkerInfo] = []
+        spares: list[WorkerInfo] = []  # prefill workers tried after a failure (counted in flight)
         try:
-            if plan.prefill is not None:
+            while prefill is not None:
                 transfer_id = uuid.uuid4().hex
                 d_call = self._open_decode(decode, req, handle, deadline,
                                            worker_pb2.PREFILL_MODE_REMOTE, transfer_id)
                 try:
                     first, first_logprob = await self._remote_prefill(
-                        req, handle, plan, d_call, transfer_id, deadline)
+                        req, handle, plan.decode, prefill, d_call, transfer_id, deadline)
                 except _PrefillFailed as exc:
-                    log.warning("request_id=%s: prefill on %s failed (%s); prefilling locally "
-                                "on %s", rid, plan.prefill.worker_id, exc, plan.decode.worker_id)
                     self._on_retry()
                     self._forget(handle, d_call)
                     d_call = None
                     self.abort_on(plan.decode, handle.worker_request_id)
-                    self.abort_on(plan.prefill, handle.worker_request_id)
+                    self.abort_on(prefill, handle.worker_request_id)
+                    failed_prefills.append(prefill)
+                    prefill = None
+                    if len(failed_prefills) < MAX_PREFILL_ATTEMPTS:
+                        prefill = self._another_prefill(failed_prefills)
+                        spares += [prefill] if prefill is not None else []
+                    log.warning("request_id=%s: prefill on %s failed (%s); prefilling %s", rid,
+                                failed_prefills[-1].worker_id, exc,
+                                f"on {prefill.worker_id} instead" if prefill is not None
+                                else f"locally on {plan.decode.worker_id}")
                 else:
                     yield TokenEvent([first], logprobs=None if first_logprob is None
                                      else [first_logprob])
+                    break
             first_local = d_call is None and not generated  # it reports the prompt's cache hits
             if d_call is None:
                 d_call = self._open_decode(decode, req, handle, deadline,
@@ -243,18 +258,19 @@ class Dispatcher:
                 finished = True  # the aborts below free the KV; finally need not repeat them
                 if handle.worker_request_id:
                     self.abort_on(plan.decode, handle.worker_request_id)
-                if handle.prefill_pending and plan.prefill is not None:
-                    self.abort_on(plan.prefill, handle.worker_request_id)
+                if handle.prefill_pending and prefill is not None:
+                    self.abort_on(prefill, handle.worker_request_id)
                 yield TokenEvent([], FinishReason.ABORT)
                 return
             raise
         finally:
+            self._release(*spares)
             if d_call is not None:
                 self._forget(handle, d_call)
             if not finished and handle.worker_request_id:  # stop string, client gone, error
                 self.abort_on(plan.decode, handle.worker_request_id)
-                if handle.prefill_pending and plan.prefill is not None:
-                    self.abort_on(plan.prefill, handle.worker_request_id)
+                if handle.prefill_pending and prefill is not None:
+                    self.abort_on(prefill, handle.worker_request_id)
 
     def _open_decode(self, stub, req: GenerationRequest, handle: RequestHandle, deadline: float,
                      mode: int, transfer_id: str, generated: tuple[int, ...] = ()):
@@ -272,31 +288,31 @@ class Dispatcher:
         return call
 
     async def _remote_prefill(self, req: GenerationRequest, handle: RequestHandle,
-                              plan: RoutePlan, d_call, transfer_id: str,
+                              decode: WorkerInfo, prefill: WorkerInfo, d_call, transfer_id: str,
                               deadline: float) -> tuple[int, TokenLogprob | None]:
         rid = req.request_id
         try:
-            msg = await asyncio.wait_for(self._read(d_call, handle, plan.decode),
+            msg = await asyncio.wait_for(self._read(d_call, handle, decode),
                                          timeout=min(self.config.reserve_timeout_s,
                                                      _remaining(deadline)))
         except asyncio.TimeoutError:
-            raise RouterError(ErrorKind.TIMEOUT, f"decode worker {plan.decode.worker_id} did "
+            raise RouterError(ErrorKind.TIMEOUT, f"decode worker {decode.worker_id} did "
                               f"not reserve KV within {self.config.reserve_timeout_s} s") from None
         if msg is None or not msg.HasField("reserved"):
-            raise RouterError(ErrorKind.INTERNAL, f"decode worker {plan.decode.worker_id} did not "
+            raise RouterError(ErrorKind.INTERNAL, f"decode worker {decode.worker_id} did not "
                               "answer a remote-prefill request with Reserved")
         num_cached = msg.reserved.num_cached_tokens
         handle.num_cached_tokens = num_cached
-        log.debug("request_id=%s: %s reserved KV (%d cached tokens)", rid, plan.decode.worker_id,
+        log.debug("request_id=%s: %s reserved KV (%d cached tokens)", rid, decode.worker_id,
                   num_cached)
         if handle.aborted:  # while Reserved was on its way: D's call is cancelled, P gets nothing
             raise asyncio.CancelledError()
-        prefill = worker_pb2_grpc.PrefillStub(self.channels.get(plan.prefill.grpc_address))
-        call = prefill.Prefill(
+        stub = worker_pb2_grpc.PrefillStub(self.channels.get(prefill.grpc_address))
+        call = stub.Prefill(
             worker_pb2.PrefillRequest(
                 request_id=handle.worker_request_id, prompt_token_ids=req.prompt_token_ids,
                 sampling=sampling_to_proto(req.sampling), transfer_id=transfer_id,
-                decode_address=plan.decode.grpc_address, num_skip_tokens=num_cached, attempt=0),
+                decode_address=decode.grpc_address, num_skip_tokens=num_cached, attempt=0),
             timeout=min(self.config.prefill_timeout_s, _remaining(deadline)))
         handle.calls.add(call)
         handle.prefill_pending = True
@@ -341,13 +357,20 @@ class Dispatcher:
         except NoWorkerError as exc:
             raise RouterError(ErrorKind.UNAVAILABLE, str(exc), code="no_worker") from None
 
-    def _acquire(self, plan: RoutePlan) -> None:
-        for worker in (plan.decode, plan.prefill):
+    def _another_prefill(self, tried: list[WorkerInfo]) -> WorkerInfo | None:
+        """The least-loaded ready prefill worker not yet tried, counted in flight; or None."""
+        worker = choose_least_loaded(self._workers(), "prefill", self.inflight,
+                                     exclude=frozenset(w.worker_id for w in tried))
+        self._acquire(worker)
+        return worker
+
+    def _acquire(self, *workers: WorkerInfo | None) -> None:
+        for worker in workers:
             if worker is not None:
                 self.inflight[worker.worker_id] = self.inflight.get(worker.worker_id, 0) + 1
 
-    def _release(self, plan: RoutePlan) -> None:
-        for worker in (plan.decode, plan.prefill):
+    def _release(self, *workers: WorkerInfo | None) -> None:
+        for worker in workers:
             if worker is not None:
                 left = self.inflight.get(worker.worker_id, 0) - 1
                 if left > 0:

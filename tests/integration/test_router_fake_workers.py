@@ -256,6 +256,31 @@ def test_prefill_failure_falls_back_to_local_prefill(start_cluster, oai) -> None
     wait_until(lambda: out.id in cluster.decode[0].aborts)  # the REMOTE reservation was freed
 
 
+def test_prefill_failure_retries_on_another_prefill_worker(start_cluster, oai, router) -> None:
+    cluster = start_cluster(num_prefill=2)
+    cluster.prefill[0].behavior = FakeBehavior(
+        prefill_error=(grpc.StatusCode.UNAVAILABLE, "prefill worker is gone"))
+    cluster.prefill[1].behavior = FakeBehavior()
+    retries = router.metrics.request_retries._value.get()
+    out = oai.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert out.choices[0].message.content == REPLY
+    assert len(cluster.prefill[0].requests) == 1 and len(cluster.prefill[1].requests) == 1
+    modes = [r.prefill_mode for r in cluster.decode[0].requests]
+    assert modes == [worker_pb2.PREFILL_MODE_REMOTE, worker_pb2.PREFILL_MODE_REMOTE]
+    assert router.metrics.request_retries._value.get() == retries + 1
+    assert router.service.dispatcher.inflight == {}  # the second prefill worker was let go
+
+
+def test_two_failed_prefill_workers_fall_back_to_local_prefill(start_cluster, oai) -> None:
+    behavior = FakeBehavior(prefill_error=(grpc.StatusCode.UNAVAILABLE, "prefill worker is gone"))
+    cluster = start_cluster(num_prefill=3, behavior=behavior)
+    out = oai.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert out.choices[0].message.content == REPLY
+    modes = [r.prefill_mode for r in cluster.decode[0].requests]
+    assert modes == [worker_pb2.PREFILL_MODE_REMOTE] * 2 + [worker_pb2.PREFILL_MODE_LOCAL]
+    assert sum(len(p.requests) for p in cluster.prefill) == 2  # MAX_PREFILL_ATTEMPTS
+
+
 def test_unavailable_decode_worker_is_skipped(start_cluster, oai, reply_ids, tokenizer) -> None:
     cluster = start_cluster(num_decode=2, num_prefill=0)
     cluster.decode[0].behavior.generate_error = (grpc.StatusCode.UNAVAILABLE, "draining")
