@@ -221,12 +221,18 @@ def format_status(payload: Any) -> str:
                      for row in rows)
 
 
+def _auth_headers() -> dict[str, str]:
+    """The router's API key, from BATON_API_KEY, for the HTTP calls of status and chat."""
+    key = os.environ.get("BATON_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import httpx
 
     url = args.url.rstrip("/") + "/cluster"
     try:
-        response = httpx.get(url, timeout=args.timeout)
+        response = httpx.get(url, headers=_auth_headers(), timeout=args.timeout)
     except httpx.HTTPError as exc:
         print(f"baton status: cannot reach the router at {args.url} ({exc}); is `baton serve` "
               "running? Pass its address with --url", file=sys.stderr)
@@ -254,8 +260,7 @@ def _chat_http(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
     body = {"messages": _messages(args), "temperature": args.temperature,
             "max_tokens": args.max_tokens, "stream": True}
-    key = os.environ.get("BATON_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = _auth_headers()
     try:
         models = httpx.get(f"{base}/v1/models", headers=headers, timeout=10).json().get("data", [])
         if models:

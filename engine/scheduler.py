@@ -128,11 +128,12 @@ class Scheduler:
             raise InvalidRequestError(
                 f"request id {seq.request_id!r} is already in use", "request_id"
             )
-        # The prompt plus the first output token must fit in the pool at least when alone.
-        needed = self._blocks_for(seq.num_prompt_tokens + 1)
+        # The tokens so far (the prompt, and the outputs of a resumed request) plus the next
+        # output must fit in the pool at least when alone.
+        needed = self._blocks_for(seq.num_tokens + 1)
         if needed > self.block_pool.num_total_blocks:
             raise InvalidRequestError(
-                f"the prompt has {seq.num_prompt_tokens} tokens and needs {needed} KV blocks, "
+                f"the prompt has {seq.num_tokens} tokens and needs {needed} KV blocks, "
                 f"but the KV pool has only {self.block_pool.num_total_blocks} blocks of "
                 f"{self.block_size} tokens",
                 "prompt",

@@ -1,9 +1,11 @@
 """API keys for the router's public API: HTTP `Authorization: Bearer <key>` on /v1/*, gRPC
-`authorization: Bearer <key>` metadata on baton.v1.Generation.
+`authorization: Bearer <key>` metadata on baton.v1.Generation. /cluster (worker addresses) wants
+a key too.
 
 ApiKeys holds the configured keys (none configured: every call is let in). A key is compared in
 constant time against each configured one. Health checks, reflection, /health, /metrics and
-/prometheus/targets stay open: probes and scrapers carry no key. Refusals are 401 (HTTP, with
+/prometheus/targets stay open: probes and scrapers carry no key. Workers' own ports take no key:
+keep them on a private network. Refusals are 401 (HTTP, with
 `WWW-Authenticate: Bearer`) and UNAUTHENTICATED (gRPC); the message never echoes the key sent.
 """
 
@@ -62,9 +64,9 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
         why = self._keys.check(metadata.get("authorization"))
-        if why is None:
-            return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
+        if why is None or handler is None:  # None: no such method, answered UNIMPLEMENTED
+            return handler
         return _refusing(handler, why)
 
 

@@ -35,6 +35,9 @@ class ErrorKind(enum.Enum):
         return self.value[2]
 
 
+RETRY_AFTER_S = 1  # what an overloaded router asks clients to wait
+
+
 class RouterError(Exception):
     def __init__(self, kind: ErrorKind, message: str, param: str | None = None,
                  code: str | None = None) -> None:
@@ -55,6 +58,11 @@ class RouterError(Exception):
     def to_openai(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind.openai_type,
                           "param": self.param, "code": self.code}}
+
+    @property
+    def retry_after_s(self) -> int | None:
+        """Seconds a client should wait before trying again (Retry-After), for overload only."""
+        return RETRY_AFTER_S if self.kind is ErrorKind.OVERLOADED else None
 
     def grpc_details(self) -> str:
         """The status details: the message, with the parameter named when there is one."""

@@ -109,6 +109,8 @@ def _response(request_id: str, out: Output) -> generation_pb2.GenerateResponse:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: RouterError) -> None:
+    if exc.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
     await context.abort(getattr(grpc.StatusCode, exc.kind.grpc_code_name), exc.grpc_details())
 
 

@@ -40,11 +40,48 @@ from router.service import GenerationService, Output, Usage
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the completions API (chat: top_logprobs <= 20)
 
 
 def error_response(exc: RouterError) -> JSONResponse:
-    return JSONResponse(exc.to_openai(), status_code=exc.kind.http_status)
+    retry = exc.retry_after_s
+    return JSONResponse(exc.to_openai(), status_code=exc.kind.http_status,
+                        headers=None if retry is None else {"Retry-After": str(retry)})
+
+
+class _Gate:
+    """Before a body is read: the API key on /v1/* and /cluster, then, for generation, a full
+    router refuses at once (service.generate checks again, counting the request's n choices).
+    Plain ASGI, so a client's disconnect still reaches the endpoints (Starlette's
+    BaseHTTPMiddleware hides it)."""
+
+    def __init__(self, app, *, keys: ApiKeys, service: GenerationService) -> None:
+        self.app, self.keys, self.service = app, keys, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await refusal(scope, receive, send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        path = scope["path"]
+        if not (path.startswith("/v1/") or path == "/cluster"):
+            return None
+        headers = dict(scope["headers"])
+        why = self.keys.check((headers.get(b"authorization") or b"").decode("latin-1"))
+        if why is not None:
+            body = RouterError(ErrorKind.UNAUTHENTICATED, why, code="invalid_api_key").to_openai()
+            return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        service = self.service
+        if (scope["method"] == "POST" and path in GENERATION_PATHS
+                and service.num_active >= service.config.max_inflight_requests):
+            return error_response(RouterError(
+                ErrorKind.OVERLOADED, f"the router already has {service.num_active} requests in "
+                "flight; retry later", code="too_many_requests"))
+        return None
 
 
 def _validation_error(exc: RequestValidationError) -> RouterError:
@@ -82,18 +119,7 @@ def create_app(service: GenerationService, directory: WorkerDirectory,
         body = RouterError(kind, str(exc.detail)).to_openai()
         return JSONResponse(body, status_code=exc.status_code)
 
-    keys = ApiKeys(config.api_keys)
-    if keys.required:
-        @app.middleware("http")
-        async def _api_key(request: Request, call_next):
-            if request.url.path.startswith("/v1/"):
-                why = keys.check(request.headers.get("authorization"))
-                if why is not None:
-                    body = RouterError(ErrorKind.UNAUTHENTICATED, why,
-                                       code="invalid_api_key").to_openai()
-                    return JSONResponse(body, status_code=401,
-                                        headers={"WWW-Authenticate": "Bearer"})
-            return await call_next(request)
+    app.add_middleware(_Gate, keys=ApiKeys(config.api_keys), service=service)
 
     texts = TokenTexts(service.tokenizer)
 

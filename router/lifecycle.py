@@ -209,7 +209,7 @@ class Dispatcher:
                 d_call = self._open_decode(decode, req, handle, deadline,
                                            worker_pb2.PREFILL_MODE_REMOTE, transfer_id)
                 try:
-                    first, first_logprob = await self._remote_prefill(
+                    first, first_logprob, first_reason = await self._remote_prefill(
                         req, handle, plan.decode, prefill, d_call, transfer_id, deadline)
                 except _PrefillFailed as exc:
                     self._on_retry()
@@ -227,8 +227,12 @@ class Dispatcher:
                                 f"on {prefill.worker_id} instead" if prefill is not None
                                 else f"locally on {plan.decode.worker_id}")
                 else:
-                    yield TokenEvent([first], logprobs=None if first_logprob is None
-                                     else [first_logprob])
+                    # finished: D's commit ends the request there too; leaving closes its stream
+                    finished = first_reason is not None
+                    yield TokenEvent([first], first_reason,
+                                     None if first_logprob is None else [first_logprob])
+                    if finished:
+                        return
                     break
             first_local = d_call is None and not generated  # it reports the prompt's cache hits
             if d_call is None:
@@ -289,7 +293,10 @@ class Dispatcher:
 
     async def _remote_prefill(self, req: GenerationRequest, handle: RequestHandle,
                               decode: WorkerInfo, prefill: WorkerInfo, d_call, transfer_id: str,
-                              deadline: float) -> tuple[int, TokenLogprob | None]:
+                              deadline: float
+                              ) -> tuple[int, TokenLogprob | None, FinishReason | None]:
+        """Reserve on D, then prefill on P: (first token, its logprob, the finish reason when
+        that token already ends the request: max_tokens 1, EOS, a stop token id)."""
         rid = req.request_id
         try:
             msg = await asyncio.wait_for(self._read(d_call, handle, decode),
@@ -331,7 +338,7 @@ class Dispatcher:
         handle.prefill_pending = False  # P answered: it pushed the KV and released its copy
         logprob = (logprob_from_proto(reply.first_token_logprob)
                    if reply.HasField("first_token_logprob") else None)
-        return reply.first_token_id, logprob
+        return reply.first_token_id, logprob, finish_from_proto(reply.finish_reason)
 
     async def _read(self, call, handle: RequestHandle, worker: WorkerInfo):
         """The next message of a decode stream, None at its end; errors as RouterError."""

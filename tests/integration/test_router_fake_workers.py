@@ -333,6 +333,17 @@ def test_decode_failure_mid_stream_migrates_without_losing_a_token(
     assert router.metrics.request_migrations._value.get() == migrations + 1
 
 
+def test_a_first_token_that_ends_the_request_needs_nothing_more_from_the_decode_worker(
+        start_cluster, oai, tokenizer, reply_ids) -> None:
+    """max_tokens 1 through a prefill worker: the request ends with P's answer, even if the
+    decode worker fails before it would have sent its (empty) last batch."""
+    cluster = start_cluster(num_decode=1, num_prefill=1)
+    cluster.decode[0].behavior = FakeBehavior(fail_after_tokens=0)
+    out = oai.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+    assert out.choices[0].text == tokenizer.decode(reply_ids[:1])
+    assert out.choices[0].finish_reason == "length"
+
+
 def test_request_deadline(model_dir, reply_ids) -> None:
     directory = StaticWorkerDirectory([])
     config = RouterConfig(model_name=MODEL, model_dir=str(model_dir), http_port=0, grpc_port=0,
