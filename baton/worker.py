@@ -27,6 +27,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from baton.cluster_token import TokenCheck
+from baton.cluster_token import from_env as cluster_token_from_env
 from baton.metrics import WorkerMetrics
 from baton.v1 import worker_pb2
 from baton.wire import GRPC_OPTIONS
@@ -50,11 +52,15 @@ class WorkerServer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_concurrent_rpcs: int = 256,
+        cluster_token: str | None = None,
     ) -> None:
+        """cluster_token: internal calls to this worker must carry it, and its own calls to
+        other workers do (baton/cluster_token.py); None: no check."""
         from engine.engine import LLMEngine  # torch: only where a worker really starts
 
         self.worker_id = worker_id
         self.model_name = model_name
+        self.cluster_token = cluster_token
         self.host = host
         self._port = port
         self.engine = LLMEngine(engine_config)
@@ -72,6 +78,7 @@ class WorkerServer:
             futures.ThreadPoolExecutor(max_workers=max_concurrent_rpcs,
                                        thread_name_prefix=f"{self.role}-rpc"),
             options=GRPC_OPTIONS,
+            interceptors=[TokenCheck(cluster_token)] if cluster_token else None,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._add_services(self._server)
@@ -145,7 +152,9 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"python -m {role}_worker", description=_ROLE_HELP[role],
         epilog="Once serving, prints one line to stdout: READY grpc=<host:port> metrics=<url>. "
-               "SIGTERM or SIGINT stops it gracefully (in-flight RPCs get --grace-s seconds).")
+               "SIGTERM or SIGINT stops it gracefully (in-flight RPCs get --grace-s seconds). "
+               "With BATON_CLUSTER_TOKEN set, it serves only calls that carry that token, and "
+               "sends it with its own calls to other workers.")
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="HF model directory (config.json, *.safetensors, tokenizer.json)")
     parser.add_argument("--model-name", default=None,
@@ -230,7 +239,8 @@ def main(role: str, worker_cls: Callable[[], type[WorkerServer]],
         signal.signal(signum, lambda *_: stop.set())
     worker = worker_cls()(engine_config, worker_id=args.worker_id or f"{role}-{os.getpid()}",
                         model_name=args.model_name or Path(args.model).name, host=args.host,
-                        port=args.port, **role_options)
+                        port=args.port, cluster_token=cluster_token_from_env(),
+                        **role_options)
     worker.start()
     metrics_server, _ = start_http_server(args.metrics_port, addr=args.host,
                                           registry=worker.registry)

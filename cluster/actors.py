@@ -74,6 +74,7 @@ class WorkerActor:
         lease_ttl_s: float = 10.0,
         kv_compression: str = "none",  # prefill workers: how KV goes on the wire
         kv_shared_memory: bool = True,  # prefill workers: rings to same-host decode workers
+        cluster_token: str | None = None,  # internal calls carry it (baton/cluster_token.py)
     ) -> None:
         self.worker_id = worker_id
         self.engine_config = engine_config
@@ -84,6 +85,7 @@ class WorkerActor:
         self.lease_ttl_s = lease_ttl_s
         self.kv_compression = kv_compression
         self.kv_shared_memory = kv_shared_memory
+        self.cluster_token = cluster_token
         self.worker: Any = None
         self.info: Any = None  # router.registry.WorkerInfo once registered
         self._redis: Any = None
@@ -103,7 +105,7 @@ class WorkerActor:
         else:
             from decode_worker.server import DecodeWorker as cls
         return cls(self.engine_config, worker_id=self.worker_id, model_name=self.model_name,
-                   host=self.host, port=0, **options)
+                   host=self.host, port=0, cluster_token=self.cluster_token, **options)
 
     def start(self) -> dict:
         """Load, bind, register; returns the registry entry as a dict."""

@@ -93,6 +93,8 @@ class Cluster:
         self.endpoints: Endpoints | None = None
         self._ray_started = False
         self._stopped = False
+        # every internal call carries it (baton/cluster_token.py): this cluster's, drawn now
+        self.cluster_token = secrets.token_urlsafe(32)
 
     # ---- start ----------------------------------------------------------------------------
 
@@ -233,6 +235,7 @@ class Cluster:
             "lease_ttl_s": cfg.lease_ttl_s,
             "kv_compression": cfg.kvtransfer.compression,
             "kv_shared_memory": cfg.kvtransfer.shared_memory,
+            "cluster_token": self.cluster_token,
         }
 
     def _router_config(self) -> Any:
@@ -245,6 +248,7 @@ class Cluster:
             model_name=served_model_name(self.config.model), model_dir=str(self.model_dir),
             request_timeout_s=r.request_timeout_s,
             api_keys=tuple(read_keys_file(r.api_keys_file)) if r.api_keys_file else (),
+            cluster_token=self.cluster_token,
         )
 
     def _wait_all(self, starts: dict[Any, str]) -> dict[Any, Any]:

@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from baton.cluster_token import token_channel
 from baton.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc, worker_pb2, worker_pb2_grpc
-from baton.wire import GRPC_OPTIONS, finish_to_proto, logprob_to_proto, sampling_from_proto
+from baton.wire import finish_to_proto, logprob_to_proto, sampling_from_proto
 from baton.worker import WorkerServer, abort_status, load_to_proto
 from engine.kv_stream import KVStream, KVStreamClosed
 from engine.loop import LoopStopped
@@ -126,7 +127,7 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
         with self._channels_lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+                channel = token_channel(address, self.cluster_token)
                 self._channels[address] = channel
             return channel
 

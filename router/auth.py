@@ -4,8 +4,8 @@ a key too.
 
 ApiKeys holds the configured keys (none configured: every call is let in). A key is compared in
 constant time against each configured one. Health checks, reflection, /health, /metrics and
-/prometheus/targets stay open: probes and scrapers carry no key. Workers' own ports take no key:
-keep them on a private network. Refusals are 401 (HTTP, with
+/prometheus/targets stay open: probes and scrapers carry no key. Workers take no API key: they
+serve only calls carrying their cluster's token (baton/cluster_token.py). Refusals are 401 (HTTP, with
 `WWW-Authenticate: Bearer`) and UNAUTHENTICATED (gRPC); the message never echoes the key sent.
 """
 

@@ -27,6 +27,8 @@ class RouterConfig:
     graceful_shutdown_s: float = 5.0
     # Keys clients must send (router/auth.py); empty = the public API is open. Kept out of repr.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Sent with every call to a worker (baton/cluster_token.py); None = none. Kept out of repr.
+    cluster_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.model_name:

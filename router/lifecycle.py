@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
+from baton.cluster_token import aio_token_channel
 from baton.v1 import worker_pb2, worker_pb2_grpc
-from baton.wire import GRPC_OPTIONS, finish_from_proto, logprob_from_proto, sampling_to_proto
+from baton.wire import finish_from_proto, logprob_from_proto, sampling_to_proto
 from engine.request import FinishReason, TokenLogprob
 from router.config import RouterConfig
 from router.errors import ErrorKind, RouterError, from_worker_status
@@ -100,13 +101,14 @@ class _DecodeUnavailable(Exception):
 class ChannelPool:
     """One grpc.aio channel per worker address, created on first use (on the router's loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cluster_token: str | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._cluster_token = cluster_token  # carried by every call (baton/cluster_token.py)
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            channel = aio_token_channel(address, self._cluster_token)
             self._channels[address] = channel
         return channel
 
@@ -128,7 +130,7 @@ class Dispatcher:
         self.config = config
         self._workers = workers
         self._on_retry, self._on_migration = on_retry, on_migration
-        self.channels = ChannelPool()
+        self.channels = ChannelPool(config.cluster_token)
         self.inflight: dict[str, int] = {}  # worker_id -> this router's open requests on it
         self._max_attempts = max_attempts
         self._background: set[asyncio.Task] = set()

@@ -21,14 +21,17 @@ def engine_config(model_dir: Path, **overrides) -> EngineConfig:
 @contextlib.contextmanager
 def running_workers(
     model_dir: Path, *, num_prefill: int = 1, num_decode: int = 1, kv_lease_s: float = 30.0,
-    kv_compression: str = "none", kv_shared_memory: bool = True, **engine_overrides,
+    kv_compression: str = "none", kv_shared_memory: bool = True, cluster_token: str | None = None,
+    **engine_overrides,
 ) -> Iterator[tuple[list[PrefillWorker], list[DecodeWorker]]]:
     config = engine_config(model_dir, **engine_overrides)
     prefill = [PrefillWorker(config, worker_id=f"prefill-{i}", model_name="tiny",
-                             kv_compression=kv_compression, kv_shared_memory=kv_shared_memory)
+                             kv_compression=kv_compression, kv_shared_memory=kv_shared_memory,
+                             cluster_token=cluster_token)
                for i in range(num_prefill)]
     decode = [DecodeWorker(config, worker_id=f"decode-{i}", model_name="tiny",
-                           kv_lease_s=kv_lease_s) for i in range(num_decode)]
+                           kv_lease_s=kv_lease_s, cluster_token=cluster_token)
+              for i in range(num_decode)]
     started = []
     try:
         for w in (*prefill, *decode):
@@ -42,7 +45,8 @@ def running_workers(
 
 @contextlib.contextmanager
 def running_cluster(model_dir: Path, *, num_prefill: int = 1, num_decode: int = 1,
-                    kv_compression: str = "none", **engine_overrides):
+                    kv_compression: str = "none", cluster_token: str | None = None,
+                    **engine_overrides):
     """Workers plus a router that finds them through a static directory (no Redis, no Ray)."""
     import os
 
@@ -51,11 +55,12 @@ def running_cluster(model_dir: Path, *, num_prefill: int = 1, num_decode: int = 
     from router.server import Router
 
     with running_workers(model_dir, num_prefill=num_prefill, num_decode=num_decode,
-                         kv_compression=kv_compression, **engine_overrides) as (prefill, decode):
+                         kv_compression=kv_compression, cluster_token=cluster_token,
+                         **engine_overrides) as (prefill, decode):
         infos = [WorkerInfo(worker_id=w.worker_id, role=w.role, state="ready",
                             grpc_address=w.address, metrics_url="", pid=os.getpid(),
                             node="local") for w in (*prefill, *decode)]
         config = RouterConfig(model_name="tiny", model_dir=str(model_dir), http_port=0,
-                              grpc_port=0)
+                              grpc_port=0, cluster_token=cluster_token)
         with Router(config, StaticWorkerDirectory(infos)) as router:
             yield router, prefill, decode

@@ -2,9 +2,10 @@
 
 Every import statement counts, including those inside functions (lazy imports are still
 dependencies). "Ours" means the project's packages: baton, engine, kvtransfer, prefill_worker,
-decode_worker, router, cluster. baton.wire (proto <-> engine type conversions, torch-free) and
-baton.worker (the workers' server shell) are shared gRPC helpers and obey the workers' rules
-themselves; the router may use baton.wire.
+decode_worker, router, cluster. baton.wire (proto <-> engine type conversions, torch-free),
+baton.cluster_token (the internal calls' shared secret) and baton.worker (the workers' server
+shell) are shared gRPC helpers and obey the workers' rules themselves; the router may use
+baton.wire and baton.cluster_token.
 
 Transitive checks ("never reaches torch", "pure cores import no I/O library") follow what runs when
 a module is imported: the checked file's own imports at any depth, and the module-level imports of
@@ -25,9 +26,10 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 OURS = ("baton", "engine", "kvtransfer", "prefill_worker", "decode_worker", "router", "cluster")
-WORKER_SHARED = ("baton.v1", "baton.metrics", "baton.wire", "baton.worker")
+WORKER_SHARED = ("baton.v1", "baton.metrics", "baton.wire", "baton.cluster_token", "baton.worker")
 ROUTER_ENGINE = ("engine.tokenizer", "engine.request", "engine.config", "engine.stats")
-ROUTER_ALLOWED = ("baton.v1", "baton.metrics", "baton.wire", *ROUTER_ENGINE)
+ROUTER_ALLOWED = ("baton.v1", "baton.metrics", "baton.wire", "baton.cluster_token",
+                  *ROUTER_ENGINE)
 PURE_CORES = ("engine/block_pool.py", "engine/radix_cache.py", "engine/scheduler.py",
               "engine/stats.py", "router/routing.py", "cluster/autoscaling.py")
 IO_LIBS = ("torch", "grpc", "ray", "redis", "prometheus_client")
@@ -154,7 +156,7 @@ def test_workers_import_engine_kvtransfer_protos(package):
 
 def test_worker_shared_helpers_obey_the_workers_rules():
     bad = []
-    for name in ("baton.wire", "baton.worker"):
+    for name in ("baton.wire", "baton.cluster_token", "baton.worker"):
         path = module_path(name)
         if path is None:
             continue
