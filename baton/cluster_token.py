@@ -54,15 +54,21 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         yield  # pragma: no cover  (a generator, as a streaming handler is)
 
+    return handler_like(handler, refuse, refuse_stream)
+
+
+def handler_like(handler: grpc.RpcMethodHandler, unary, streaming) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and (de)serializers as `handler` that runs `unary` (unary
+    responses) or `streaming` (a generator, for streamed responses) instead."""
     kw = {"request_deserializer": handler.request_deserializer,
           "response_serializer": handler.response_serializer}
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kw)
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
     if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream, **kw)
+        return grpc.stream_stream_rpc_method_handler(streaming, **kw)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kw)
-    return grpc.unary_unary_rpc_method_handler(refuse, **kw)
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)
 
 
 def _with_token(details, token: str):

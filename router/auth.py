@@ -18,6 +18,8 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from baton.cluster_token import handler_like
+
 GENERATION_SERVICE = "/baton.v1.Generation/"
 
 
@@ -79,12 +81,4 @@ def _refusing(handler: grpc.RpcMethodHandler, why: str) -> grpc.RpcMethodHandler
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         yield  # pragma: no cover  (makes this an async generator, as the streaming handler is)
 
-    kw = {"request_deserializer": handler.request_deserializer,
-          "response_serializer": handler.response_serializer}
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kw)
-    if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kw)
-    return grpc.unary_unary_rpc_method_handler(refuse, **kw)
+    return handler_like(handler, refuse, refuse_stream)
