@@ -164,7 +164,7 @@ class Dispatcher:
                      attempt, plan.decode.worker_id,
                      plan.prefill.worker_id if plan.prefill else "local", req.num_prompt_tokens,
                      f", resuming after {len(generated)} generated" if generated else "")
-            self._acquire(plan.decode, plan.prefill)
+            self._acquire(plan.decode)  # a prefill worker counts only while it prefills
             try:
                 async with contextlib.aclosing(
                         self._attempt(req, handle, plan, deadline, tuple(generated))) as events:
@@ -192,7 +192,7 @@ class Dispatcher:
                     self._on_retry()
                 excluded.add(plan.decode.worker_id)
             finally:
-                self._release(plan.decode, plan.prefill)
+                self._release(plan.decode)
 
     async def _attempt(self, req: GenerationRequest, handle: RequestHandle, plan: RoutePlan,
                        deadline: float, generated: tuple[int, ...]) -> AsyncIterator[TokenEvent]:
@@ -204,38 +204,40 @@ class Dispatcher:
         finished = False
         prefill = plan.prefill  # the prefill worker of the REMOTE attempt under way, if any
         failed_prefills: list[WorkerInfo] = []
-        spares: list[WorkerInfo] = []  # prefill workers tried after a failure (counted in flight)
         try:
             while prefill is not None:
                 transfer_id = uuid.uuid4().hex
                 d_call = self._open_decode(decode, req, handle, deadline,
                                            worker_pb2.PREFILL_MODE_REMOTE, transfer_id)
+                current = prefill
+                self._acquire(current)  # counted in flight while it prefills
                 try:
                     first, first_logprob, first_reason = await self._remote_prefill(
-                        req, handle, plan.decode, prefill, d_call, transfer_id, deadline)
+                        req, handle, plan.decode, current, d_call, transfer_id, deadline)
                 except _PrefillFailed as exc:
                     self._on_retry()
                     self._forget(handle, d_call)
                     d_call = None
                     self.abort_on(plan.decode, handle.worker_request_id)
-                    self.abort_on(prefill, handle.worker_request_id)
-                    failed_prefills.append(prefill)
+                    self.abort_on(current, handle.worker_request_id)
+                    failed_prefills.append(current)
                     prefill = None
                     if len(failed_prefills) < MAX_PREFILL_ATTEMPTS:
                         prefill = self._another_prefill(failed_prefills)
-                        spares += [prefill] if prefill is not None else []
                     log.warning("request_id=%s: prefill on %s failed (%s); prefilling %s", rid,
-                                failed_prefills[-1].worker_id, exc,
+                                current.worker_id, exc,
                                 f"on {prefill.worker_id} instead" if prefill is not None
                                 else f"locally on {plan.decode.worker_id}")
-                else:
-                    # finished: D's commit ends the request there too; leaving closes its stream
-                    finished = first_reason is not None
-                    yield TokenEvent([first], first_reason,
-                                     None if first_logprob is None else [first_logprob])
-                    if finished:
-                        return
-                    break
+                    continue
+                finally:
+                    self._release(current)
+                # finished: D's commit ends the request there too; leaving closes its stream
+                finished = first_reason is not None
+                yield TokenEvent([first], first_reason,
+                                 None if first_logprob is None else [first_logprob])
+                if finished:
+                    return
+                break
             first_local = d_call is None and not generated  # it reports the prompt's cache hits
             if d_call is None:
                 d_call = self._open_decode(decode, req, handle, deadline,
@@ -270,7 +272,6 @@ class Dispatcher:
                 return
             raise
         finally:
-            self._release(*spares)
             if d_call is not None:
                 self._forget(handle, d_call)
             if not finished and handle.worker_request_id:  # stop string, client gone, error
@@ -367,11 +368,9 @@ class Dispatcher:
             raise RouterError(ErrorKind.UNAVAILABLE, str(exc), code="no_worker") from None
 
     def _another_prefill(self, tried: list[WorkerInfo]) -> WorkerInfo | None:
-        """The least-loaded ready prefill worker not yet tried, counted in flight; or None."""
-        worker = choose_least_loaded(self._workers(), "prefill", self.inflight,
-                                     exclude=frozenset(w.worker_id for w in tried))
-        self._acquire(worker)
-        return worker
+        """The least-loaded ready prefill worker not yet tried, or None."""
+        return choose_least_loaded(self._workers(), "prefill", self.inflight,
+                                   exclude=frozenset(w.worker_id for w in tried))
 
     def _acquire(self, *workers: WorkerInfo | None) -> None:
         for worker in workers:
