@@ -5,6 +5,7 @@
     baton chat "What is the capital of France?" [--grpc-address 127.0.0.1:50051 | --url URL]
     baton bench engine [--only decode,batch,prefill,prefix] [--quick] [--out-dir DIR] ...
     baton bench kvtransfer [--only wire,ttft,hidden,quality] [--quick] [--out-dir DIR] ...
+    baton bench serve [--base-url URL] [--workload chat] [--request-rate R | --concurrency C] ...
 
 Heavy modules (ray, torch, cluster, the SDK) are imported inside the subcommands, so `baton --help`
 answers at once. Exit codes: 0 ok, 1 the command failed, 2 bad arguments or config.
@@ -133,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from baton.bench.engine_config import add_engine_arguments  # torch-free: flags only
     from baton.bench.kvtransfer_config import add_kvtransfer_arguments
+    from baton.bench.serve_config import add_serve_arguments
 
     bench = commands.add_parser(
         "bench", help="run a benchmark; results go to docs/benchmarks/",
         description="Run one of Baton's benchmarks on this machine. Each reports ratios measured "
         "in one run: the engine against the machine's own roofline and HF transformers, the KV "
-        "transfer against an in-process copy and against local prefill.",
+        "transfer against an in-process copy and against local prefill. `serve` instead "
+        "drives any running OpenAI-compatible server as a client.",
     )
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     bench_engine = benchmarks.add_parser(
@@ -153,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_kvtransfer_arguments(bench_kvtransfer, default_out_dir=DEFAULT_BENCH_OUT_DIR)
     bench_kvtransfer.set_defaults(func=cmd_bench_kvtransfer)
+    bench_serve = benchmarks.add_parser(
+        "serve", help="a running OpenAI-compatible server under a workload: throughput, TTFT, "
+        "TPOT, ITL, E2E latency, goodput",
+    )
+    add_serve_arguments(bench_serve)
+    bench_serve.set_defaults(func=cmd_bench_serve)
     return parser
 
 
@@ -332,6 +341,12 @@ def cmd_bench_kvtransfer(args: argparse.Namespace) -> int:
     from baton.bench import kvtransfer_config
 
     return kvtransfer_config.main(args, shlex.join(["baton", *args.argv]))
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from baton.bench import serve_config
+
+    return serve_config.main(args, shlex.join(["baton", *args.argv]))
 
 
 # ---- entry point --------------------------------------------------------------------------------
