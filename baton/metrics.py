@@ -60,6 +60,22 @@ class RouterMetrics:
             ["model"], registry=registry,
         ).labels(model)
 
+        self._routing_decisions = Counter(
+            "baton_routing_decisions_total",
+            "Routing plans made, by prefill mode (remote: on a prefill worker; local: on the "
+            "decode worker) and reason (cost, short, no_prefill, resume, always).",
+            ["model", "mode", "reason"], registry=registry,
+        )
+        self.prefix_index_cached_tokens = Counter(
+            "baton_router_prefix_index_hit_tokens_total",
+            "Prompt tokens the global prefix index said the chosen decode worker holds.",
+            ["model"], registry=registry,
+        ).labels(model)
+
+    def routed(self, mode: str, reason: str, cached_tokens: int) -> None:
+        self._routing_decisions.labels(self.model, mode, reason).inc()
+        self.prefix_index_cached_tokens.inc(cached_tokens)
+
     def request_finished(self, finish_reason: str) -> None:
         self._requests.labels(self.model, finish_reason).inc()
 

@@ -34,6 +34,7 @@ from baton.v1 import worker_pb2
 from baton.wire import GRPC_OPTIONS
 from engine.config import EngineConfig
 from engine.loop import EngineLoop, WorkerLoad
+from engine.radix_cache import KVEventBatch
 from kvtransfer.compression import COMPRESSIONS
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,11 @@ class WorkerServer:
 
     def load(self) -> WorkerLoad:
         return self.loop.load()
+
+    def kv_event_batch(self, snapshot: bool = False) -> KVEventBatch:
+        """The prefix cache's events since the last call (LLMEngine.kv_event_batch), taken on
+        the engine thread between two steps."""
+        return self.loop.call(self.engine.kv_event_batch, snapshot)
 
 
 def abort_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:

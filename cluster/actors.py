@@ -93,6 +93,7 @@ class WorkerActor:
         self._stop_heartbeat = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
         self._info_lock = threading.Lock()
+        self._kv_events: Any = None  # router.kv_events.KVEventPublisher, with a prefix cache
 
     def make_worker(self) -> Any:
         """The component this actor hosts (tests override this with a stand-in)."""
@@ -116,6 +117,8 @@ class WorkerActor:
 
         _configure_logging()
         t0 = time.monotonic()
+        if self.engine_config.enable_prefix_caching:  # the routers' prefix index reads them
+            self.engine_config = dataclasses.replace(self.engine_config, enable_kv_events=True)
         self.worker = self.make_worker()
         self.worker.start()
         grpc_port = int(self.worker.address.rsplit(":", 1)[1])
@@ -135,6 +138,7 @@ class WorkerActor:
             updated_at=now,
         )
         self._refresh_load()
+        self._start_kv_events()
         register_worker(self._redis, self.info, self.lease_ttl_s)
         self._heartbeat_thread = threading.Thread(
             target=self._heartbeat_loop, name=f"{self.worker_id}-heartbeat", daemon=True)
@@ -145,6 +149,18 @@ class WorkerActor:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def _start_kv_events(self) -> None:
+        """Publish the prefix cache's events to this worker's stream (router/kv_events.py)."""
+        from router.kv_events import KVEventPublisher
+
+        if not self.engine_config.enable_prefix_caching:
+            return
+        self._kv_events = KVEventPublisher(self._redis, self.worker_id,
+                                           self.worker.kv_event_batch,
+                                           ttl_s=max(60.0, 6 * self.lease_ttl_s))
+        self._kv_events.publish_once()  # the first snapshot before the worker takes traffic
+        self._kv_events.start()
 
     def describe(self) -> dict:
         with self._info_lock:
@@ -199,6 +215,9 @@ class WorkerActor:
         if self._heartbeat_thread is not None:
             self._heartbeat_thread.join(timeout=self.heartbeat_interval_s + 5)
         self.worker.stop(grace_s)
+        if self._kv_events is not None:
+            self._kv_events.close()
+            self._kv_events = None
         try:
             deregister(self._redis, self.worker_id)
         except (RedisError, OSError) as exc:
@@ -231,11 +250,14 @@ class RouterActor:
         self.router: Any = None
 
     def start(self) -> dict:
+        from router.kv_events import RedisPrefixIndexFeed
         from router.registry import RedisWorkerDirectory
         from router.server import Router
 
         _configure_logging()
-        self.router = Router(self.router_config, RedisWorkerDirectory(self.redis_url))
+        directory = RedisWorkerDirectory(self.redis_url)
+        self.router = Router(self.router_config, directory,
+                             RedisPrefixIndexFeed(self.redis_url, directory.workers))
         self.router.start()
         host = self.router_config.host
         return {

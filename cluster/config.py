@@ -26,6 +26,7 @@ from typing import Any
 
 from engine.config import EngineConfig
 from kvtransfer.compression import COMPRESSIONS
+from router.routing import RoutingPolicy
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -123,8 +124,19 @@ class RouterSection:
     request_timeout_s: float = 300.0
     num_cpus: float = 1.0
     api_keys_file: str | None = None  # one key per line; None = the public API is open
+    routing_policy: str = "kv_aware"  # or round_robin (prefix-blind, a baseline)
+    disaggregation: str = "auto"  # or always: every prompt through a prefill worker when one is up
+    local_prefill_max_tokens: int = 128  # an uncached suffix this short is prefilled on decode
+
+    def routing(self) -> RoutingPolicy:
+        return RoutingPolicy(policy=self.routing_policy, disaggregation=self.disaggregation,
+                             local_prefill_max_tokens=self.local_prefill_max_tokens)
 
     def __post_init__(self) -> None:
+        try:
+            self.routing()
+        except ValueError as exc:
+            raise ConfigError(f"router.{exc}") from None
         for name in ("http_port", "grpc_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:

@@ -32,7 +32,7 @@ from engine.kv_cache import KVCache, kv_bytes_per_token
 from engine.kv_stream import KVStream
 from engine.models.layers import rope_inv_freq
 from engine.models.llama import LlamaModel, ModelArgs
-from engine.radix_cache import KVEvent, RadixCache
+from engine.radix_cache import KVEvent, KVEventBatch, RadixCache
 from engine.request import InvalidRequestError, RequestOutput, SamplingParams, check_prompt
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
@@ -229,6 +229,13 @@ class LLMEngine:
         call, oldest first: the consumer's call (a router's index of cached blocks), to make
         regularly. [] unless enable_prefix_caching and enable_kv_events."""
         return self.prefix_cache.take_events() if self.prefix_cache is not None else []
+
+    def kv_event_batch(self, snapshot: bool = False) -> KVEventBatch:
+        """take_kv_events, with the drop count and, if `snapshot`, the hash of every block cached
+        after them: what a consumer that resynchronizes needs, in one consistent cut."""
+        if self.prefix_cache is None:
+            return KVEventBatch([], 0, [] if snapshot else None, self.block_size)
+        return self.prefix_cache.take_event_batch(snapshot)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block; refused (False) while any block is in use."""

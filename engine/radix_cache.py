@@ -82,6 +82,16 @@ class AllBlocksCleared:
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
+@dataclass(frozen=True)
+class KVEventBatch:
+    """One drain of the events, taken in one go on the engine's thread (so consistent)."""
+
+    events: list[KVEvent]
+    num_dropped: int  # the cache's running count of events dropped before they were drained
+    snapshot: list[int] | None  # every cached block's hash after the events, when asked for
+    block_size: int
+
+
 def hash_block(parent_block_hash: int | None, token_ids: Sequence[int]) -> int:
     """The chained hash of one block: blake2b-64 of the parent's hash and the token ids."""
     h = hashlib.blake2b(digest_size=8)
@@ -154,6 +164,10 @@ class RadixCache:
         if node is None:
             raise KeyError(f"block {block_id} is not in the prefix cache")
         return node.block_hash  # type: ignore[return-value]  # None only at the root
+
+    def cached_block_hashes(self) -> list[int]:
+        """Every cached block's chained hash (a snapshot for a consumer that must resynchronize)."""
+        return [node.block_hash for node in self._nodes.values()]  # type: ignore[misc]
 
     def parents(self) -> dict[int, int | None]:
         """Each cached block's parent block (None under the root). O(n): for tests and debugging."""
@@ -266,6 +280,12 @@ class RadixCache:
         events = list(self._events)
         self._events.clear()
         return events
+
+    def take_event_batch(self, snapshot: bool = False) -> KVEventBatch:
+        """take_events, with the drop count and, if `snapshot`, every cached block's hash: what a
+        consumer that resynchronizes needs, in one cut."""
+        return KVEventBatch(self.take_events(), self.num_dropped_events,
+                            self.cached_block_hashes() if snapshot else None, self.block_size)
 
     def _record(self, event: KVEvent) -> None:
         if len(self._events) == self._events.maxlen:

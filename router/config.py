@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from router.routing import RoutingPolicy
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -24,6 +26,7 @@ class RouterConfig:
     worker_rpc_timeout_s: float = 5.0  # small RPCs: Abort, GetLoad
     max_stop_strings: int = 16
     max_inflight_requests: int = 1024  # beyond this the router answers 429
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)  # router/routing.py
     graceful_shutdown_s: float = 5.0
     # Keys clients must send (router/auth.py); empty = the public API is open. Kept out of repr.
     api_keys: tuple[str, ...] = field(default=(), repr=False)

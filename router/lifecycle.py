@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -42,9 +42,14 @@ from baton.wire import finish_from_proto, logprob_from_proto, sampling_to_proto
 from engine.request import FinishReason, TokenLogprob
 from router.config import RouterConfig
 from router.errors import ErrorKind, RouterError, from_worker_status
+from router.prefix_index import PrefixAnswer
 from router.registry import WorkerInfo
 from router.requests import GenerationRequest
-from router.routing import NoWorkerError, RoutePlan, choose_least_loaded, plan_route
+from router.routing import NoWorkerError, RoutePlan, choose_prefill, plan_route
+
+# The global prefix index's answer for a prompt and some worker ids, or None when the index cannot
+# answer (router/kv_events.py RedisPrefixIndexFeed.lookup).
+PrefixLookup = Callable[[Sequence[int], list[str]], "PrefixAnswer | None"]
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +131,16 @@ class ChannelPool:
 class Dispatcher:
     def __init__(self, config: RouterConfig, workers: Callable[[], list[WorkerInfo]],
                  max_attempts: int = 3, on_retry: Callable[[], None] = lambda: None,
-                 on_migration: Callable[[], None] = lambda: None) -> None:
+                 on_migration: Callable[[], None] = lambda: None,
+                 prefix_lookup: PrefixLookup | None = None,
+                 on_route: Callable[[RoutePlan], None] = lambda plan: None) -> None:
+        """prefix_lookup: the global prefix index (None, or answering None: load-only routing);
+        on_route: called with every plan made (metrics)."""
         self.config = config
         self._workers = workers
         self._on_retry, self._on_migration = on_retry, on_migration
+        self._prefix_lookup, self._on_route = prefix_lookup, on_route
+        self._num_routed = 0  # plans made: round_robin's turn
         self.channels = ChannelPool(config.cluster_token)
         self.inflight: dict[str, int] = {}  # worker_id -> this router's open requests on it
         self._max_attempts = max_attempts
@@ -153,7 +164,7 @@ class Dispatcher:
         generated: list[int] = []  # the tokens the client has: a migration resumes after them
         for attempt in range(1, self._max_attempts + 1):
             try:
-                plan = self._plan(frozenset(excluded), allow_remote=not generated)
+                plan = self._plan(req, frozenset(excluded), allow_remote=not generated)
             except RouterError:
                 if last_error is not None:  # no other decode worker to try
                     raise last_error from None
@@ -223,7 +234,7 @@ class Dispatcher:
                     failed_prefills.append(current)
                     prefill = None
                     if len(failed_prefills) < MAX_PREFILL_ATTEMPTS:
-                        prefill = self._another_prefill(failed_prefills)
+                        prefill = self._another_prefill(req, failed_prefills)
                     log.warning("request_id=%s: prefill on %s failed (%s); prefilling %s", rid,
                                 current.worker_id, exc,
                                 f"on {prefill.worker_id} instead" if prefill is not None
@@ -360,17 +371,36 @@ class Dispatcher:
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
-    def _plan(self, excluded: frozenset[str], allow_remote: bool = True) -> RoutePlan:
+    def _lookup(self, req: GenerationRequest, workers: list[WorkerInfo]) -> PrefixAnswer:
+        """What the index says the workers hold of req's prompt; nothing when routing is
+        load-only (no index, the index is down, or a prefix-blind policy)."""
+        answer = None
+        if self._prefix_lookup is not None and self.config.routing.policy != "round_robin":
+            answer = self._prefix_lookup(req.prompt_token_ids, [w.worker_id for w in workers])
+        return answer if answer is not None else PrefixAnswer({}, {})
+
+    def _plan(self, req: GenerationRequest, excluded: frozenset[str],
+              allow_remote: bool = True) -> RoutePlan:
+        workers = self._workers()
+        known = self._lookup(req, workers)
         try:
-            return plan_route(self._workers(), self.inflight, exclude=excluded,
-                              allow_remote=allow_remote)
+            plan = plan_route(workers, self.inflight, num_prompt_tokens=req.num_prompt_tokens,
+                              cached=known.cached_tokens, cache_blocks=known.num_blocks,
+                              policy=self.config.routing, exclude=excluded,
+                              allow_remote=allow_remote, turn=self._num_routed)
         except NoWorkerError as exc:
             raise RouterError(ErrorKind.UNAVAILABLE, str(exc), code="no_worker") from None
+        self._num_routed += 1
+        self._on_route(plan)
+        return plan
 
-    def _another_prefill(self, tried: list[WorkerInfo]) -> WorkerInfo | None:
-        """The least-loaded ready prefill worker not yet tried, or None."""
-        return choose_least_loaded(self._workers(), "prefill", self.inflight,
-                                   exclude=frozenset(w.worker_id for w in tried))
+    def _another_prefill(self, req: GenerationRequest,
+                         tried: list[WorkerInfo]) -> WorkerInfo | None:
+        """The cheapest ready prefill worker not yet tried, or None."""
+        workers = self._workers()
+        return choose_prefill(workers, req.num_prompt_tokens, self.inflight,
+                              self._lookup(req, workers).cached_tokens, self.config.routing,
+                              exclude=frozenset(w.worker_id for w in tried))
 
     def _acquire(self, *workers: WorkerInfo | None) -> None:
         for worker in workers:

@@ -29,21 +29,28 @@ from router.service import GenerationService
 if TYPE_CHECKING:
     from typing import Self
 
+    from router.kv_events import RedisPrefixIndexFeed
+
 log = logging.getLogger(__name__)
 
 
 class Router:
-    def __init__(self, config: RouterConfig, directory: WorkerDirectory) -> None:
+    def __init__(self, config: RouterConfig, directory: WorkerDirectory,
+                 prefix_index: RedisPrefixIndexFeed | None = None) -> None:
+        """prefix_index: the workers' KV event feed (router/kv_events.py), started and closed
+        with the router; None: routing on load only."""
         self.config = config
         self.directory = directory
+        self.prefix_index = prefix_index
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         model_config = ModelConfig.from_dir(config.model_dir)
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         vocab_size = max(model_config.vocab_size, self.tokenizer.vocab_size)
         self.registry = CollectorRegistry()
         self.metrics = RouterMetrics(self.registry, config.model_name)
-        self.service = GenerationService(config, self.tokenizer, directory, self.metrics,
-                                         self.max_model_len, vocab_size)
+        self.service = GenerationService(
+            config, self.tokenizer, directory, self.metrics, self.max_model_len, vocab_size,
+            prefix_lookup=prefix_index.lookup if prefix_index is not None else None)
         self.http_port = 0
         self.grpc_port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -78,6 +85,8 @@ class Router:
             raise RuntimeError("a Router can be started only once")
         self._started = True
         self.directory.start()
+        if self.prefix_index is not None:
+            self.prefix_index.start()
         ready: Future = Future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="router",
                                         daemon=True)
@@ -144,6 +153,8 @@ class Router:
         sock.close()
 
     def stop(self) -> None:
+        if self.prefix_index is not None:
+            self.prefix_index.close()
         if self._loop is None or self._thread is None:
             self.directory.close()
             return

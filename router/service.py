@@ -34,7 +34,7 @@ from engine.request import FinishReason, TokenLogprob
 from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from router.config import RouterConfig
 from router.errors import ErrorKind, RouterError
-from router.lifecycle import Dispatcher, RequestHandle
+from router.lifecycle import Dispatcher, PrefixLookup, RequestHandle
 from router.logprobs import TextOffsets
 from router.registry import WorkerDirectory
 from router.requests import GenerationRequest, RequestBuilder
@@ -82,7 +82,8 @@ class _Choice:
 
 class GenerationService:
     def __init__(self, config: RouterConfig, tokenizer: Tokenizer, directory: WorkerDirectory,
-                 metrics: RouterMetrics, max_model_len: int, vocab_size: int) -> None:
+                 metrics: RouterMetrics, max_model_len: int, vocab_size: int,
+                 prefix_lookup: PrefixLookup | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.directory = directory
@@ -93,7 +94,10 @@ class GenerationService:
                                       max_stop_strings=config.max_stop_strings)
         self.dispatcher = Dispatcher(config, directory.workers,
                                      on_retry=metrics.request_retries.inc,
-                                     on_migration=metrics.request_migrations.inc)
+                                     on_migration=metrics.request_migrations.inc,
+                                     prefix_lookup=prefix_lookup,
+                                     on_route=lambda plan: metrics.routed(
+                                         plan.mode.value, plan.reason, plan.cached_tokens))
         self._requests: dict[str, list[RequestHandle]] = {}  # request id -> one per choice
         self._num_active = 0
 

@@ -24,6 +24,7 @@ from engine.config import EngineConfig
 from prefill_worker.server import PrefillWorker
 from router.config import RouterConfig
 from router.registry import StaticWorkerDirectory, WorkerInfo
+from router.routing import RoutingPolicy
 from router.server import Router
 
 MODEL_NAME = "bench"  # the model id the routers serve
@@ -50,7 +51,7 @@ def _info(worker: PrefillWorker | DecodeWorker) -> WorkerInfo:
 
 def _router(model_dir: Path, workers: list[WorkerInfo]) -> Router:
     config = RouterConfig(model_name=MODEL_NAME, model_dir=str(model_dir), http_port=0,
-                          grpc_port=0)
+                          grpc_port=0, routing=RoutingPolicy(disaggregation="always"))
     return Router(config, StaticWorkerDirectory(workers))
 
 

@@ -93,9 +93,11 @@ def workers(model_dir, geometry, tmp_path_factory):
 def router_over(model_dir, workers: list[WorkerProcess]):
     from router.config import RouterConfig
     from router.registry import StaticWorkerDirectory
+    from router.routing import RoutingPolicy
     from router.server import Router
 
-    config = RouterConfig(model_name="tiny", model_dir=str(model_dir), http_port=0, grpc_port=0)
+    config = RouterConfig(model_name="tiny", model_dir=str(model_dir), http_port=0, grpc_port=0,
+                          routing=RoutingPolicy(disaggregation="always"))
     with Router(config, StaticWorkerDirectory([w.info() for w in workers])) as router:
         yield router
 

@@ -20,6 +20,7 @@ from baton.v1 import generation_pb2, generation_pb2_grpc, worker_pb2
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
 from router.registry import StaticWorkerDirectory
+from router.routing import RoutingPolicy
 from router.server import Router
 from tests.support.fake_workers import FakeBehavior, FakeCluster, reply_script
 from tests.support.tiny_tokenizer import MAX_MODEL_LEN, byte_level_dir
@@ -49,9 +50,10 @@ def reply_ids(tokenizer) -> list[int]:
 @pytest.fixture(scope="module")
 def router(model_dir):
     directory = StaticWorkerDirectory([])
+    # disaggregation "always": these short prompts still take the prefill workers' path
     config = RouterConfig(model_name=MODEL, model_dir=str(model_dir), http_port=0, grpc_port=0,
                           request_timeout_s=20, prefill_timeout_s=5, worker_rpc_timeout_s=2,
-                          graceful_shutdown_s=1)
+                          graceful_shutdown_s=1, routing=RoutingPolicy(disaggregation="always"))
     router = Router(config, directory)
     router.start()
     yield router

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from baton.metrics import WorkerMetrics
 from cluster.actors import DecodeWorkerActor, PrefillWorkerActor
 from engine.loop import WorkerLoad
+from engine.radix_cache import KVEventBatch, RadixCache
 
 
 class FakeWorker:
@@ -36,6 +37,24 @@ class FakeWorker:
         self.num_load_calls = 0
         self.stopped_with_grace: float | None = None
         self._socket: socket.socket | None = None
+        self.prefix_cache = RadixCache(4, enable_events=True)  # see cache() and evict()
+        self._cache_lock = threading.Lock()  # the real worker's engine thread, in miniature
+
+    def cache(self, token_ids: list[int]) -> None:
+        """Cache token_ids' full blocks (block ids drawn fresh) as an engine would."""
+        with self._cache_lock:
+            first = max(self.prefix_cache.parents(), default=-1) + 1
+            self.prefix_cache.insert(token_ids, range(first, first + len(token_ids) // 4))
+
+    def evict_all(self) -> None:
+        with self._cache_lock:
+            while self.prefix_cache.num_cached_blocks:
+                parents = self.prefix_cache.parents()
+                self.prefix_cache.evict([b for b in parents if self.prefix_cache.is_leaf(b)])
+
+    def kv_event_batch(self, snapshot: bool = False) -> KVEventBatch:
+        with self._cache_lock:
+            return self.prefix_cache.take_event_batch(snapshot)
 
     def start(self) -> None:
         self._socket = socket.socket()

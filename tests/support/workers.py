@@ -46,12 +46,15 @@ def running_workers(
 @contextlib.contextmanager
 def running_cluster(model_dir: Path, *, num_prefill: int = 1, num_decode: int = 1,
                     kv_compression: str = "none", cluster_token: str | None = None,
-                    **engine_overrides):
-    """Workers plus a router that finds them through a static directory (no Redis, no Ray)."""
+                    disaggregation: str = "always", **engine_overrides):
+    """Workers plus a router that finds them through a static directory (no Redis, no Ray).
+    Every prompt goes through a prefill worker when there is one (disaggregation "always"), so
+    tests of that path see it whatever their prompts' lengths; "auto" is the deployed default."""
     import os
 
     from router.config import RouterConfig
     from router.registry import StaticWorkerDirectory, WorkerInfo
+    from router.routing import RoutingPolicy
     from router.server import Router
 
     with running_workers(model_dir, num_prefill=num_prefill, num_decode=num_decode,
@@ -61,6 +64,7 @@ def running_cluster(model_dir: Path, *, num_prefill: int = 1, num_decode: int = 
                             grpc_address=w.address, metrics_url="", pid=os.getpid(),
                             node="local") for w in (*prefill, *decode)]
         config = RouterConfig(model_name="tiny", model_dir=str(model_dir), http_port=0,
-                              grpc_port=0, cluster_token=cluster_token)
+                              grpc_port=0, cluster_token=cluster_token,
+                              routing=RoutingPolicy(disaggregation=disaggregation))
         with Router(config, StaticWorkerDirectory(infos)) as router:
             yield router, prefill, decode

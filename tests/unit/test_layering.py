@@ -27,11 +27,13 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
 OURS = ("baton", "engine", "kvtransfer", "prefill_worker", "decode_worker", "router", "cluster")
 WORKER_SHARED = ("baton.v1", "baton.metrics", "baton.wire", "baton.cluster_token", "baton.worker")
-ROUTER_ENGINE = ("engine.tokenizer", "engine.request", "engine.config", "engine.stats")
+ROUTER_ENGINE = ("engine.tokenizer", "engine.request", "engine.config", "engine.stats",
+                 "engine.radix_cache")
 ROUTER_ALLOWED = ("baton.v1", "baton.metrics", "baton.wire", "baton.cluster_token",
                   *ROUTER_ENGINE)
 PURE_CORES = ("engine/block_pool.py", "engine/radix_cache.py", "engine/scheduler.py",
-              "engine/stats.py", "router/routing.py", "cluster/autoscaling.py")
+              "engine/stats.py", "router/routing.py", "router/prefix_index.py",
+              "cluster/autoscaling.py")
 IO_LIBS = ("torch", "grpc", "ray", "redis", "prometheus_client")
 
 
@@ -210,7 +212,8 @@ def test_the_sdk_and_the_cli_do_not_pull_in_the_server_side():
     for path in source_files("baton"):
         if module_name(path) in ("baton.worker",):  # the workers' shell, imported by workers only
             continue
-        light = ("__init__", "options", "engine_config", "kvtransfer_config")  # the CLI's flags
+        light = ("__init__", "options", "engine_config", "kvtransfer_config",  # the CLI's flags
+                 "serve_config", "serve_report", "serve_workloads")
         if within(module_name(path), ("baton.bench",)) and path.stem not in light:
             continue  # measuring code, imported only once `baton bench` runs
         tree = ast.parse(path.read_text())
