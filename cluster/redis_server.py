@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,22 +71,17 @@ def server_pid(host: str, port: int, timeout_s: float = 0.5) -> int | None:
     return None
 
 
-def _pdeathsig_setter() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the child when its parent dies (None elsewhere).
+def _pdeathsig_prefix() -> list[str]:
+    """A command prefix asking Linux to SIGTERM the server when its parent dies: util-linux's
+    `setpriv --pdeathsig`, which sets it and execs the server (same pid). [] where there is none.
 
-    Everything is looked up here, in the parent: the child, forked from a process that may run
-    threads, only makes one foreign call before exec.
+    Not a preexec_fn: Python code between fork and exec in a process that runs threads (gRPC,
+    torch, the router) can deadlock or abort the child.
     """
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
-    return lambda: prctl(pr_set_pdeathsig, sigterm)
+        return []
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
 
 
 class RedisServer:
@@ -140,7 +133,7 @@ class RedisServer:
         self._dir = Path(tempfile.mkdtemp(prefix="baton-redis-"))
         log_path = self._dir / "redis.log"
         cmd = [
-            binary, "--port", str(port), "--bind", self.host, "--save", "", "--appendonly", "no",
+            *_pdeathsig_prefix(), binary, "--port", str(port), "--bind", self.host, "--save", "", "--appendonly", "no",
             "--dir", str(self._dir), "--logfile", str(log_path), "--daemonize", "no",
         ]
         self._process = subprocess.Popen(
@@ -148,7 +141,6 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_pdeathsig_setter(),  # noqa: PLW1509 - one prctl call, see above
             start_new_session=True,  # a terminal's Ctrl-C goes to the launcher, which stops us
         )
         deadline = time.monotonic() + self.startup_timeout_s

@@ -157,11 +157,16 @@ class RedisWorkerDirectory:
     """Polls the registry every `poll_interval_s` on a daemon thread; keeps the last good list.
 
     While Redis is unreachable the last list is served as is (routing degrades to stale load
-    numbers); one warning is logged when the outage starts and one info line when it ends.
+    numbers); one warning is logged when the outage starts and one info line when it ends. A Redis
+    that comes back may have lost every entry (a restart without persistence) until each worker's
+    next heartbeat writes it again: for `recovery_grace_s` after an outage, workers of the last
+    list that the registry does not show yet are still served, so that no request finds "no
+    worker" in between. A worker that really died meanwhile fails its next call, which the router
+    retries elsewhere.
     """
 
     def __init__(self, redis_url: str, poll_interval_s: float = 1.0,
-                 socket_timeout_s: float = 1.0) -> None:
+                 socket_timeout_s: float = 1.0, recovery_grace_s: float = DEFAULT_TTL_S) -> None:
         import redis
 
         if poll_interval_s <= 0:
@@ -177,6 +182,8 @@ class RedisWorkerDirectory:
         self._thread: threading.Thread | None = None
         self.healthy = False  # the last poll succeeded
         self._outage_logged = False
+        self._recovery_grace_s = recovery_grace_s
+        self._recovering_until: float | None = None  # monotonic; see the class docstring
         self.last_success_at: float | None = None
 
     def start(self) -> None:
@@ -197,9 +204,19 @@ class RedisWorkerDirectory:
                             "workers: %s", self.redis_url, len(self.workers()), exc)
             self.healthy = False
             return False
+        now = time.monotonic()
         if self._outage_logged:
             self._outage_logged = False
+            self._recovering_until = now + self._recovery_grace_s
             log.info("worker registry at %s reachable again", self.redis_url)
+        if self._recovering_until is not None:
+            if now < self._recovering_until:
+                listed = {w.worker_id for w in workers}
+                workers = sorted([*workers, *(w for w in self.workers()
+                                              if w.worker_id not in listed)],
+                                 key=lambda w: w.worker_id)
+            else:
+                self._recovering_until = None
         with self._lock:
             self._workers = workers
         self.healthy = True
