@@ -61,9 +61,10 @@ class Cluster:
             ignore_eos=True)
         return [t for msg in self.stub.Generate(request, timeout=60) for t in msg.token_ids]
 
-    def holders(self, prefix: list[int] = PREFIX) -> list[str] | None:
-        """The workers the index says hold `prefix` whole; None while it answers nothing."""
-        answer = self.feed.lookup(prefix, [a.worker_id for a in self.decode])
+    def holders(self, prefix: list[int] = PREFIX, feed=None) -> list[str] | None:
+        """The workers the index (of `feed`, else the router's) says hold `prefix` whole; None
+        while it answers nothing."""
+        answer = (feed or self.feed).lookup(prefix, [a.worker_id for a in self.decode])
         if answer is None:
             return None
         return sorted(w for w, n in answer.cached_tokens.items() if n >= len(prefix))
@@ -104,6 +105,33 @@ def test_requests_sharing_a_prefix_follow_the_cache(policy) -> None:
         assert sorted(gained) == [0, 6 * len(PREFIX)]
     else:  # three each; the one that did not hold it first prefills it once
         assert sorted(gained) == [2 * len(PREFIX), 3 * len(PREFIX)]
+
+
+def test_two_routers_route_a_shared_prefix_to_the_same_worker() -> None:
+    """Two router replicas (as behind one load-balanced address) read the same registry and
+    event streams, so they agree on where a prefix lives."""
+    with RedisServer() as redis_server:
+        cluster = Cluster(redis_server.url, "kv_aware")
+        directory = RedisWorkerDirectory(redis_server.url, poll_interval_s=0.2)
+        feed = RedisPrefixIndexFeed(redis_server.url, directory.workers, block_ms=50)
+        second = Router(cluster.router.config, directory, feed)
+        second.start()
+        try:
+            with grpc.insecure_channel(second.grpc_address) as channel:
+                stubs = [cluster.stub, generation_pb2_grpc.GenerationStub(channel)]
+                cluster.generate(prompt(0))  # through the first router
+                assert wait_until(lambda: bool(cluster.holders(feed=feed)))
+                before = [hits(a) for a in cluster.decode]
+                for i in range(1, 7):  # alternately through each router
+                    request = generation_pb2.GenerateRequest(
+                        token_ids=generation_pb2.TokenIds(ids=prompt(i)), temperature=0.0,
+                        max_tokens=4, ignore_eos=True)
+                    list(stubs[i % 2].Generate(request, timeout=60))
+                gained = [hits(a) - b for a, b in zip(cluster.decode, before)]
+        finally:
+            second.stop()
+            cluster.close()
+    assert sorted(gained) == [0, 6 * len(PREFIX)]
 
 
 def test_redis_outage_fails_no_request_and_routing_recovers() -> None:
