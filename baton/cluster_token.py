@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import hmac
 import os
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
 
 from baton.wire import GRPC_OPTIONS
+
+if TYPE_CHECKING:
+    from baton.cluster_tls import ClusterTLS
 
 METADATA_KEY = "x-baton-cluster-token"
 ENV_VAR = "BATON_CLUSTER_TOKEN"
@@ -94,9 +98,14 @@ class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
         return continuation(_with_token(details, self._token), request_iterator)
 
 
-def token_channel(address: str, token: str | None) -> grpc.Channel:
-    """A channel to a worker whose every call carries the token (when there is one)."""
-    channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+def token_channel(address: str, token: str | None, tls: ClusterTLS | None = None) -> grpc.Channel:
+    """A channel to a worker whose every call carries the token (when there is one), over mutual
+    TLS when tls is given (baton/cluster_tls.py)."""
+    if tls is None:
+        channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    else:
+        channel = grpc.secure_channel(address, tls.channel_credentials(),
+                                      options=[*GRPC_OPTIONS, *tls.channel_options()])
     return grpc.intercept_channel(channel, _SyncToken(token)) if token else channel
 
 
@@ -116,7 +125,12 @@ class _AioUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(_with_token(details, self._token), request)
 
 
-def aio_token_channel(address: str, token: str | None) -> grpc.aio.Channel:
+def aio_token_channel(address: str, token: str | None,
+                      tls: ClusterTLS | None = None) -> grpc.aio.Channel:
     """token_channel for asyncio (the router's unary and server-streaming calls)."""
     interceptors = [_AioUnaryUnary(token), _AioUnaryStream(token)] if token else None
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=interceptors)
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(),
+                                   options=[*GRPC_OPTIONS, *tls.channel_options()],
+                                   interceptors=interceptors)

@@ -27,6 +27,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from baton.cluster_tls import ClusterTLS
+from baton.cluster_tls import from_env as cluster_tls_from_env
 from baton.cluster_token import TokenCheck
 from baton.cluster_token import from_env as cluster_token_from_env
 from baton.metrics import WorkerMetrics
@@ -54,14 +56,17 @@ class WorkerServer:
         port: int = 0,
         max_concurrent_rpcs: int = 256,
         cluster_token: str | None = None,
+        tls: ClusterTLS | None = None,
     ) -> None:
         """cluster_token: internal calls to this worker must carry it, and its own calls to
-        other workers do (baton/cluster_token.py); None: no check."""
+        other workers do (baton/cluster_token.py); None: no check. tls: serve, and call other
+        workers, over mutual TLS (baton/cluster_tls.py); None: plaintext."""
         from engine.engine import LLMEngine  # torch: only where a worker really starts
 
         self.worker_id = worker_id
         self.model_name = model_name
         self.cluster_token = cluster_token
+        self.tls = tls
         self.host = host
         self._port = port
         self.engine = LLMEngine(engine_config)
@@ -91,7 +96,9 @@ class WorkerServer:
 
     def start(self) -> None:
         self.loop.start()
-        port = self._server.add_insecure_port(f"{self.host}:{self._port}")
+        address = f"{self.host}:{self._port}"
+        port = (self._server.add_insecure_port(address) if self.tls is None
+                else self._server.add_secure_port(address, self.tls.server_credentials()))
         if port == 0:
             raise RuntimeError(f"{self.role} worker could not bind {self.host}:{self._port}")
         self._server.start()
@@ -160,7 +167,9 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         epilog="Once serving, prints one line to stdout: READY grpc=<host:port> metrics=<url>. "
                "SIGTERM or SIGINT stops it gracefully (in-flight RPCs get --grace-s seconds). "
                "With BATON_CLUSTER_TOKEN set, it serves only calls that carry that token, and "
-               "sends it with its own calls to other workers.")
+               "sends it with its own calls to other workers. With BATON_TLS_CA, BATON_TLS_CERT "
+               "and BATON_TLS_KEY set (PEM files), it serves over mutual TLS and calls other "
+               "workers the same way (baton/cluster_tls.py).")
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="HF model directory (config.json, *.safetensors, tokenizer.json)")
     parser.add_argument("--model-name", default=None,
@@ -246,6 +255,7 @@ def main(role: str, worker_cls: Callable[[], type[WorkerServer]],
     worker = worker_cls()(engine_config, worker_id=args.worker_id or f"{role}-{os.getpid()}",
                         model_name=args.model_name or Path(args.model).name, host=args.host,
                         port=args.port, cluster_token=cluster_token_from_env(),
+                        tls=cluster_tls_from_env(),
                         **role_options)
     worker.start()
     metrics_server, _ = start_http_server(args.metrics_port, addr=args.host,

@@ -75,6 +75,7 @@ class WorkerActor:
         kv_compression: str = "none",  # prefill workers: how KV goes on the wire
         kv_shared_memory: bool = True,  # prefill workers: rings to same-host decode workers
         cluster_token: str | None = None,  # internal calls carry it (baton/cluster_token.py)
+        cluster_tls: Any = None,  # baton.cluster_tls.ClusterTLS: mutual TLS; None = plaintext
     ) -> None:
         self.worker_id = worker_id
         self.engine_config = engine_config
@@ -86,6 +87,7 @@ class WorkerActor:
         self.kv_compression = kv_compression
         self.kv_shared_memory = kv_shared_memory
         self.cluster_token = cluster_token
+        self.cluster_tls = cluster_tls
         self.worker: Any = None
         self.info: Any = None  # router.registry.WorkerInfo once registered
         self._redis: Any = None
@@ -106,7 +108,8 @@ class WorkerActor:
         else:
             from decode_worker.server import DecodeWorker as cls
         return cls(self.engine_config, worker_id=self.worker_id, model_name=self.model_name,
-                   host=self.host, port=0, cluster_token=self.cluster_token, **options)
+                   host=self.host, port=0, cluster_token=self.cluster_token,
+                   tls=self.cluster_tls, **options)
 
     def start(self) -> dict:
         """Load, bind, register; returns the registry entry as a dict."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from baton.cluster_tls import DEFAULT_SERVER_NAME, ClusterTLS
 from engine.config import EngineConfig
 from kvtransfer.compression import COMPRESSIONS
 from router.routing import RoutingPolicy
@@ -169,6 +170,31 @@ class KVTransferSection:
 
 
 @dataclass(frozen=True)
+class TLSSection:
+    """Mutual TLS between the components (baton/cluster_tls.py); off unless all three files."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str = DEFAULT_SERVER_NAME  # the DNS name in every component's certificate
+
+    def __post_init__(self) -> None:
+        files = (self.ca_file, self.cert_file, self.key_file)
+        if any(files) and not all(files):
+            raise ConfigError("tls needs ca_file, cert_file and key_file together (or none)")
+        try:
+            self.cluster_tls()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def cluster_tls(self) -> ClusterTLS | None:
+        if not self.ca_file:
+            return None
+        return ClusterTLS(self.ca_file, self.cert_file, self.key_file,  # type: ignore[arg-type]
+                          self.server_name)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     model: str = DEFAULT_MODEL
     model_cache_dir: str | None = None  # None = ~/.cache/baton/models
@@ -176,6 +202,7 @@ class ClusterConfig:
     decode: WorkerPoolConfig = field(default_factory=lambda: WorkerPoolConfig(role="decode"))
     router: RouterSection = field(default_factory=RouterSection)
     kvtransfer: KVTransferSection = field(default_factory=KVTransferSection)
+    tls: TLSSection = field(default_factory=TLSSection)
     redis_url: str | None = None  # None = an embedded redis-server on a free loopback port
     ray_address: str | None = None  # None = a local Ray runtime
     heartbeat_interval_s: float = 2.0

@@ -236,6 +236,7 @@ class Cluster:
             "kv_compression": cfg.kvtransfer.compression,
             "kv_shared_memory": cfg.kvtransfer.shared_memory,
             "cluster_token": self.cluster_token,
+            "cluster_tls": cfg.tls.cluster_tls(),
         }
 
     def _router_config(self) -> Any:
@@ -248,7 +249,7 @@ class Cluster:
             model_name=served_model_name(self.config.model), model_dir=str(self.model_dir),
             request_timeout_s=r.request_timeout_s, routing=r.routing(),
             api_keys=tuple(read_keys_file(r.api_keys_file)) if r.api_keys_file else (),
-            cluster_token=self.cluster_token,
+            cluster_token=self.cluster_token, cluster_tls=self.config.tls.cluster_tls(),
         )
 
     def _wait_all(self, starts: dict[Any, str]) -> dict[Any, Any]:

@@ -127,7 +127,7 @@ class PrefillWorker(WorkerServer, worker_pb2_grpc.PrefillServicer):
         with self._channels_lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = token_channel(address, self.cluster_token)
+                channel = token_channel(address, self.cluster_token, self.tls)
                 self._channels[address] = channel
             return channel
 

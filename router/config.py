@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from baton.cluster_tls import ClusterTLS
 from router.routing import RoutingPolicy
 
 
@@ -32,6 +33,8 @@ class RouterConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     # Sent with every call to a worker (baton/cluster_token.py); None = none. Kept out of repr.
     cluster_token: str | None = field(default=None, repr=False)
+    # Mutual TLS to the workers (baton/cluster_tls.py); None = plaintext.
+    cluster_tls: ClusterTLS | None = None
 
     def __post_init__(self) -> None:
         if not self.model_name:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
+from baton.cluster_tls import ClusterTLS
 from baton.cluster_token import aio_token_channel
 from baton.v1 import worker_pb2, worker_pb2_grpc
 from baton.wire import finish_from_proto, logprob_from_proto, sampling_to_proto
@@ -106,14 +107,15 @@ class _DecodeUnavailable(Exception):
 class ChannelPool:
     """One grpc.aio channel per worker address, created on first use (on the router's loop)."""
 
-    def __init__(self, cluster_token: str | None = None) -> None:
+    def __init__(self, cluster_token: str | None = None, tls: ClusterTLS | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._cluster_token = cluster_token  # carried by every call (baton/cluster_token.py)
+        self._tls = tls  # mutual TLS (baton/cluster_tls.py)
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = aio_token_channel(address, self._cluster_token)
+            channel = aio_token_channel(address, self._cluster_token, self._tls)
             self._channels[address] = channel
         return channel
 
@@ -141,7 +143,7 @@ class Dispatcher:
         self._on_retry, self._on_migration = on_retry, on_migration
         self._prefix_lookup, self._on_route = prefix_lookup, on_route
         self._num_routed = 0  # plans made: round_robin's turn
-        self.channels = ChannelPool(config.cluster_token)
+        self.channels = ChannelPool(config.cluster_token, config.cluster_tls)
         self.inflight: dict[str, int] = {}  # worker_id -> this router's open requests on it
         self._max_attempts = max_attempts
         self._background: set[asyncio.Task] = set()

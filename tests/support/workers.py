@@ -22,15 +22,15 @@ def engine_config(model_dir: Path, **overrides) -> EngineConfig:
 def running_workers(
     model_dir: Path, *, num_prefill: int = 1, num_decode: int = 1, kv_lease_s: float = 30.0,
     kv_compression: str = "none", kv_shared_memory: bool = True, cluster_token: str | None = None,
-    **engine_overrides,
+    tls=None, **engine_overrides,
 ) -> Iterator[tuple[list[PrefillWorker], list[DecodeWorker]]]:
     config = engine_config(model_dir, **engine_overrides)
     prefill = [PrefillWorker(config, worker_id=f"prefill-{i}", model_name="tiny",
                              kv_compression=kv_compression, kv_shared_memory=kv_shared_memory,
-                             cluster_token=cluster_token)
+                             cluster_token=cluster_token, tls=tls)
                for i in range(num_prefill)]
     decode = [DecodeWorker(config, worker_id=f"decode-{i}", model_name="tiny",
-                           kv_lease_s=kv_lease_s, cluster_token=cluster_token)
+                           kv_lease_s=kv_lease_s, cluster_token=cluster_token, tls=tls)
               for i in range(num_decode)]
     started = []
     try:
@@ -46,7 +46,7 @@ def running_workers(
 @contextlib.contextmanager
 def running_cluster(model_dir: Path, *, num_prefill: int = 1, num_decode: int = 1,
                     kv_compression: str = "none", cluster_token: str | None = None,
-                    disaggregation: str = "always", **engine_overrides):
+                    tls=None, disaggregation: str = "always", **engine_overrides):
     """Workers plus a router that finds them through a static directory (no Redis, no Ray).
     Every prompt goes through a prefill worker when there is one (disaggregation "always"), so
     tests of that path see it whatever their prompts' lengths; "auto" is the deployed default."""
@@ -58,13 +58,13 @@ def running_cluster(model_dir: Path, *, num_prefill: int = 1, num_decode: int = 
     from router.server import Router
 
     with running_workers(model_dir, num_prefill=num_prefill, num_decode=num_decode,
-                         kv_compression=kv_compression, cluster_token=cluster_token,
+                         kv_compression=kv_compression, cluster_token=cluster_token, tls=tls,
                          **engine_overrides) as (prefill, decode):
         infos = [WorkerInfo(worker_id=w.worker_id, role=w.role, state="ready",
                             grpc_address=w.address, metrics_url="", pid=os.getpid(),
                             node="local") for w in (*prefill, *decode)]
         config = RouterConfig(model_name="tiny", model_dir=str(model_dir), http_port=0,
-                              grpc_port=0, cluster_token=cluster_token,
+                              grpc_port=0, cluster_token=cluster_token, cluster_tls=tls,
                               routing=RoutingPolicy(disaggregation=disaggregation))
         with Router(config, StaticWorkerDirectory(infos)) as router:
             yield router, prefill, decode

@@ -3,9 +3,9 @@
 Every import statement counts, including those inside functions (lazy imports are still
 dependencies). "Ours" means the project's packages: baton, engine, kvtransfer, prefill_worker,
 decode_worker, router, cluster. baton.wire (proto <-> engine type conversions, torch-free),
-baton.cluster_token (the internal calls' shared secret) and baton.worker (the workers' server
-shell) are shared gRPC helpers and obey the workers' rules themselves; the router may use
-baton.wire and baton.cluster_token.
+baton.cluster_token (the internal calls' shared secret), baton.cluster_tls (their mutual TLS) and
+baton.worker (the workers' server shell) are shared gRPC helpers and obey the workers' rules themselves; the router may use
+baton.wire, baton.cluster_token and baton.cluster_tls.
 
 Transitive checks ("never reaches torch", "pure cores import no I/O library") follow what runs when
 a module is imported: the checked file's own imports at any depth, and the module-level imports of
@@ -26,11 +26,12 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 OURS = ("baton", "engine", "kvtransfer", "prefill_worker", "decode_worker", "router", "cluster")
-WORKER_SHARED = ("baton.v1", "baton.metrics", "baton.wire", "baton.cluster_token", "baton.worker")
+WORKER_SHARED = ("baton.v1", "baton.metrics", "baton.wire", "baton.cluster_token",
+                 "baton.cluster_tls", "baton.worker")
 ROUTER_ENGINE = ("engine.tokenizer", "engine.request", "engine.config", "engine.stats",
                  "engine.radix_cache")
 ROUTER_ALLOWED = ("baton.v1", "baton.metrics", "baton.wire", "baton.cluster_token",
-                  *ROUTER_ENGINE)
+                  "baton.cluster_tls", *ROUTER_ENGINE)
 PURE_CORES = ("engine/block_pool.py", "engine/radix_cache.py", "engine/scheduler.py",
               "engine/stats.py", "router/routing.py", "router/prefix_index.py",
               "cluster/autoscaling.py")
@@ -213,7 +214,7 @@ def test_the_sdk_and_the_cli_do_not_pull_in_the_server_side():
         if module_name(path) in ("baton.worker",):  # the workers' shell, imported by workers only
             continue
         light = ("__init__", "options", "engine_config", "kvtransfer_config",  # the CLI's flags
-                 "serve_config", "serve_report", "serve_workloads")
+                 "serve_config", "serve_report", "serve_workloads", "compare_config")
         if within(module_name(path), ("baton.bench",)) and path.stem not in light:
             continue  # measuring code, imported only once `baton bench` runs
         tree = ast.parse(path.read_text())
