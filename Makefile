@@ -36,6 +36,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/kvtransfer.py
+	$(BIN)/baton bench compare benchmarks/serving.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,6 +6,7 @@
     baton bench engine [--only decode,batch,prefill,prefix] [--quick] [--out-dir DIR] ...
     baton bench kvtransfer [--only wire,ttft,hidden,quality] [--quick] [--out-dir DIR] ...
     baton bench serve [--base-url URL] [--workload chat] [--request-rate R | --concurrency C] ...
+    baton bench compare CONFIG.yaml [--out-dir DIR] [--only-clusters A,B]
 
 Heavy modules (ray, torch, cluster, the SDK) are imported inside the subcommands, so `baton --help`
 answers at once. Exit codes: 0 ok, 1 the command failed, 2 bad arguments or config.
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
     chat.set_defaults(func=cmd_chat)
 
+    from baton.bench.compare_config import add_compare_arguments
     from baton.bench.engine_config import add_engine_arguments  # torch-free: flags only
     from baton.bench.kvtransfer_config import add_kvtransfer_arguments
     from baton.bench.serve_config import add_serve_arguments
@@ -141,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one of Baton's benchmarks on this machine. Each reports ratios measured "
         "in one run: the engine against the machine's own roofline and HF transformers, the KV "
         "transfer against an in-process copy and against local prefill. `serve` instead "
-        "drives any running OpenAI-compatible server as a client.",
+        "drives any running OpenAI-compatible server as a client; `compare` starts cluster "
+        "configurations in turn and runs the same workloads against each.",
     )
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     bench_engine = benchmarks.add_parser(
@@ -162,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_arguments(bench_serve)
     bench_serve.set_defaults(func=cmd_bench_serve)
+    bench_compare = benchmarks.add_parser(
+        "compare", help="start each cluster configuration of a YAML file in turn (e.g. colocated "
+        "against disaggregated), run the same workloads at several rates, compare",
+    )
+    add_compare_arguments(bench_compare, default_out_dir=DEFAULT_BENCH_OUT_DIR)
+    bench_compare.set_defaults(func=cmd_bench_compare)
     return parser
 
 
@@ -347,6 +356,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from baton.bench import serve_config
 
     return serve_config.main(args, shlex.join(["baton", *args.argv]))
+
+
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    from baton.bench import compare_config
+    from cluster.config import config_from_dict  # checks each cluster before any starts
+
+    return compare_config.main(args, shlex.join(["baton", *args.argv]), config_from_dict)
 
 
 # ---- entry point --------------------------------------------------------------------------------

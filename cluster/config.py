@@ -123,6 +123,7 @@ class RouterSection:
     http_port: int = 8000  # 0 = any free port
     grpc_port: int = 50051  # 0 = any free port
     request_timeout_s: float = 300.0
+    max_inflight_requests: int = 1024  # beyond this the router answers 429 / RESOURCE_EXHAUSTED
     num_cpus: float = 1.0
     api_keys_file: str | None = None  # one key per line; None = the public API is open
     routing_policy: str = "kv_aware"  # or round_robin (prefix-blind, a baseline)
@@ -148,6 +149,9 @@ class RouterSection:
             )
         if self.request_timeout_s <= 0:
             raise ConfigError(f"router.request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.max_inflight_requests <= 0:
+            raise ConfigError(
+                f"router.max_inflight_requests must be > 0, got {self.max_inflight_requests}")
         if self.num_cpus <= 0:
             raise ConfigError(f"router.num_cpus must be > 0, got {self.num_cpus}")
         if not self.host:

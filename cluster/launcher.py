@@ -248,6 +248,7 @@ class Cluster:
             host=r.host, http_port=r.http_port, grpc_port=r.grpc_port,
             model_name=served_model_name(self.config.model), model_dir=str(self.model_dir),
             request_timeout_s=r.request_timeout_s, routing=r.routing(),
+            max_inflight_requests=r.max_inflight_requests,
             api_keys=tuple(read_keys_file(r.api_keys_file)) if r.api_keys_file else (),
             cluster_token=self.cluster_token, cluster_tls=self.config.tls.cluster_tls(),
         )

@@ -53,9 +53,10 @@ def machine_summary(m: dict) -> str:
             "(others' work shares the machine).")
 
 
-def plot_panels(r: dict, path: Path, panels: list[tuple[str, Callable]]) -> bool:
-    """One row of plots, panel(ax, r) each, titled with the model and machine, saved to path;
-    False when there is no panel."""
+def plot_panels(r: dict, path: Path, panels: list[tuple[str, Callable]],
+                title: str | None = None) -> bool:
+    """One row of plots, panel(ax, r) each, titled (by default with the model and machine),
+    saved to path; False when there is no panel."""
     if not panels:
         return False
     import matplotlib
@@ -66,7 +67,7 @@ def plot_panels(r: dict, path: Path, panels: list[tuple[str, Callable]]) -> bool
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (_, panel) in zip(axes[0], panels):
         panel(ax, r)
-    fig.suptitle(f"{Path(r['model']).name}, float32, {r['machine']['cpu_count']} CPU cores")
+    fig.suptitle(title or f"{Path(r['model']).name}, float32, {r['machine']['cpu_count']} CPU cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

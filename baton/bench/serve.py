@@ -242,7 +242,8 @@ async def benchmark(config: ServeBenchConfig, progress: TextIO | None = None) ->
 
         tokenizer = Tokenizer.from_dir(config.tokenizer)
     requests = make_workload(config.workload, config.num_requests, config.seed,
-                             max_output_tokens=config.max_output_tokens, tokenizer=tokenizer)
+                             max_output_tokens=config.max_output_tokens, tokenizer=tokenizer,
+                             num_prefixes=config.num_prefixes, prefix_tokens=config.prefix_tokens)
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(config.timeout_s, connect=min(config.timeout_s, 30.0), pool=None)
@@ -268,7 +269,8 @@ async def benchmark(config: ServeBenchConfig, progress: TextIO | None = None) ->
         "model": model, "workload": config.workload, "num_requests": config.num_requests,
         "request_rate": None if math.isinf(config.request_rate) else config.request_rate,
         "concurrency": config.concurrency, "seed": config.seed, "ignore_eos": config.ignore_eos,
-        "max_output_tokens": config.max_output_tokens,
+        "max_output_tokens": config.max_output_tokens, "num_prefixes": config.num_prefixes,
+        "prefix_tokens": config.prefix_tokens,
         "tokenizer": str(config.tokenizer) if config.tokenizer else None,
         "goodput_slos_ms": slos,
     }

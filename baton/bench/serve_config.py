@@ -15,7 +15,7 @@ from pathlib import Path
 
 from baton.bench.options import count, run_benchmark
 from baton.bench.serve_report import SLO_METRICS
-from baton.bench.serve_workloads import WORKLOADS
+from baton.bench.serve_workloads import NUM_SHARED_PREFIXES, SHARED_PREFIX_LEN, WORKLOADS
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 ENDPOINTS = ("chat", "completions")
@@ -35,8 +35,9 @@ Workloads (lengths in tokens, ranges inclusive and uniform; a prompt of n tokens
 English words, each one token in SmolLM2's vocabulary; --tokenizer makes the counts exact):
 
   chat           prompt 32..512, output 16..256
-  shared-prefix  each request one of 4 system prompts of 1024 tokens, then a question of
-                 16..64; output 32..128
+  shared-prefix  --num-prefixes system prompts (default 4) of --prefix-tokens (default 1024),
+                 each the start of the same number of requests in a seeded random order, then
+                 a question of 16..64; output 32..128
   long-prompt    every 4th request a prompt of 1800..2200 with output 8..32, the others a prompt
                  of 16..64 with output 256..512 (long prompts arriving among ongoing decodes)
   mixed          each request one of those four kinds at random
@@ -69,6 +70,8 @@ class ServeBenchConfig:
     endpoint: str = "chat"
     tokenizer: Path | None = None  # an HF directory with tokenizer.json, for exact token counts
     max_output_tokens: int = 1024  # cap on every request's max_tokens
+    num_prefixes: int = NUM_SHARED_PREFIXES  # shared-prefix: distinct system prompts
+    prefix_tokens: int = SHARED_PREFIX_LEN  # shared-prefix: tokens of each system prompt
     ignore_eos: bool = True
     timeout_s: float = 600.0  # per request
     out: Path | None = None  # the JSON results; None = the table only
@@ -93,8 +96,9 @@ class ServeBenchConfig:
                                  f"limit > 0 ms, got {name}:{limit}")
         if self.endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
-        if self.max_output_tokens <= 0:
-            raise ValueError(f"max_output_tokens must be > 0, got {self.max_output_tokens}")
+        for name in ("max_output_tokens", "num_prefixes", "prefix_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if not self.base_url.startswith(("http://", "https://")):
@@ -170,6 +174,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: words for synthetic prompts, 4 characters a token for files)")
     parser.add_argument("--max-output-tokens", type=count, default=1024, metavar="N",
                         help="cap on every request's max_tokens (default 1024)")
+    parser.add_argument("--num-prefixes", type=count, default=NUM_SHARED_PREFIXES, metavar="N",
+                        help="shared-prefix: distinct system prompts, each starting the same "
+                        f"number of requests (default {NUM_SHARED_PREFIXES})")
+    parser.add_argument("--prefix-tokens", type=count, default=SHARED_PREFIX_LEN, metavar="N",
+                        help=f"shared-prefix: tokens of each system prompt (default "
+                        f"{SHARED_PREFIX_LEN})")
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                         help="do not send ignore_eos (for a server that refuses it); requests "
                         "may then stop before max_tokens")
@@ -194,6 +204,7 @@ def config_from_args(args: argparse.Namespace, command_line: str) -> ServeBenchC
         request_rate=args.request_rate, concurrency=args.concurrency, seed=args.seed,
         goodput_slos_ms=tuple(args.goodput), model=args.model, api_key=api_key,
         endpoint=args.endpoint, tokenizer=args.tokenizer, max_output_tokens=args.max_output_tokens,
+        num_prefixes=args.num_prefixes, prefix_tokens=args.prefix_tokens,
         ignore_eos=args.ignore_eos, timeout_s=args.timeout, out=args.out, progress=args.progress,
         command=command_line)
 

@@ -12,8 +12,10 @@ own few tokens. Text from a file is counted as one token per 4 characters. With 
 tokenizer's. Every range below is inclusive, drawn uniformly:
 
   chat           prompt 32..512, output 16..256
-  shared-prefix  4 system prompts of 1024 tokens (each request uses one at random) + a question
-                 of 16..64; output 32..128
+  shared-prefix  num_prefixes system prompts (default 4) of prefix_tokens (default 1024) + a
+                 question of 16..64; output 32..128. Every prefix serves the same number of
+                 requests (the first ones one more when they do not divide evenly), in a seeded
+                 random order
   long-prompt    every 4th request (the 4th, 8th, ...) a long prompt of 1800..2200 with output
                  8..32; the others a short prompt of 16..64 with a long output of 256..512, so the
                  long prompts arrive while those decode
@@ -45,7 +47,7 @@ CHARS_PER_TOKEN = 4  # the usual rough count of English text without a tokenizer
 
 # (low, high) token counts, inclusive; the module docstring documents them
 CHAT_PROMPT, CHAT_OUTPUT = (32, 512), (16, 256)
-NUM_SHARED_PREFIXES, SHARED_PREFIX_LEN = 4, 1024
+NUM_SHARED_PREFIXES, SHARED_PREFIX_LEN = 4, 1024  # the defaults of num_prefixes, prefix_tokens
 SHARED_QUESTION, SHARED_OUTPUT = (16, 64), (32, 128)
 LONG_PROMPT, LONG_PROMPT_OUTPUT = (1800, 2200), (8, 32)
 LONG_DECODE_PROMPT, LONG_DECODE_OUTPUT = (16, 64), (256, 512)
@@ -101,7 +103,6 @@ class _Synthesizer:
         self.rng = random.Random(seed)
         self.tokenizer = tokenizer
         self.max_output_tokens = max_output_tokens
-        self.prefixes: list[tuple[str, int]] = []  # shared-prefix system prompts, made on first use
 
     def text(self, num_tokens: int) -> tuple[str, int]:
         """About num_tokens of words (exactly, with a tokenizer) and their token count."""
@@ -123,35 +124,49 @@ class _Synthesizer:
             return WorkloadRequest(kind, prompt, max_tokens, num_tokens)
         return WorkloadRequest(kind, prompt, max_tokens, num_tokens + system[1], system[0])
 
-    def make(self, kind: str) -> WorkloadRequest:
+    def make(self, kind: str, system: tuple[str, int] | None = None) -> WorkloadRequest:
         if kind == "chat":
             return self.request(kind, CHAT_PROMPT, CHAT_OUTPUT)
         if kind == "shared-prefix":
-            if not self.prefixes:
-                self.prefixes = [self.text(SHARED_PREFIX_LEN) for _ in range(NUM_SHARED_PREFIXES)]
-            return self.request(kind, SHARED_QUESTION, SHARED_OUTPUT, self.rng.choice(self.prefixes))
+            return self.request(kind, SHARED_QUESTION, SHARED_OUTPUT, system)
         if kind == "long-prompt":
             return self.request(kind, LONG_PROMPT, LONG_PROMPT_OUTPUT)
         return self.request("long-decode", LONG_DECODE_PROMPT, LONG_DECODE_OUTPUT)
 
 
+def balanced_order(num_items: int, num_groups: int, rng: random.Random) -> list[int]:
+    """A group index per item: every group num_items // num_groups times, the first
+    num_items % num_groups groups once more, shuffled with rng."""
+    order = [g for g in range(num_groups)
+             for _ in range(num_items // num_groups + (g < num_items % num_groups))]
+    rng.shuffle(order)
+    return order
+
+
 def synthesize(workload: str, num_requests: int, seed: int, *, max_output_tokens: int = 1 << 30,
-               tokenizer: TextTokenizer | None = None) -> list[WorkloadRequest]:
-    """num_requests requests of a named workload (WORKLOADS), the same for the same seed."""
+               tokenizer: TextTokenizer | None = None, num_prefixes: int = NUM_SHARED_PREFIXES,
+               prefix_tokens: int = SHARED_PREFIX_LEN) -> list[WorkloadRequest]:
+    """num_requests requests of a named workload (WORKLOADS), the same for the same seed;
+    num_prefixes and prefix_tokens shape the shared-prefix requests (module docstring)."""
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
+    for name, value in (("num_prefixes", num_prefixes), ("prefix_tokens", prefix_tokens)):
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
     synth = _Synthesizer(seed, tokenizer, max_output_tokens)
-    kinds = ("chat", "shared-prefix", "long-prompt", "long-decode")
-    requests = []
-    for i in range(num_requests):
-        if workload == "mixed":
-            kind = synth.rng.choice(kinds)
-        elif workload == "long-prompt":
-            kind = "long-prompt" if i % LONG_PROMPT_EVERY == LONG_PROMPT_EVERY - 1 else "long-decode"
-        else:
-            kind = workload
-        requests.append(synth.make(kind))
-    return requests
+    if workload == "mixed":
+        all_kinds = ("chat", "shared-prefix", "long-prompt", "long-decode")
+        kinds = [synth.rng.choice(all_kinds) for _ in range(num_requests)]
+    elif workload == "long-prompt":
+        kinds = ["long-prompt" if i % LONG_PROMPT_EVERY == LONG_PROMPT_EVERY - 1 else "long-decode"
+                 for i in range(num_requests)]
+    else:
+        kinds = [workload] * num_requests
+    num_shared = kinds.count("shared-prefix")
+    prefixes = [synth.text(prefix_tokens) for _ in range(num_prefixes)] if num_shared else []
+    prefix_order = iter(balanced_order(num_shared, num_prefixes, synth.rng))
+    return [synth.make(kind, prefixes[next(prefix_order)] if kind == "shared-prefix" else None)
+            for kind in kinds]
 
 
 def _conversations(path: Path) -> list[tuple[int, object]]:
@@ -219,11 +234,13 @@ def load_sharegpt(path: Path, num_requests: int, seed: int, *, max_output_tokens
 
 
 def make_workload(workload: str, num_requests: int, seed: int, *, max_output_tokens: int,
-                  tokenizer: TextTokenizer | None = None) -> list[WorkloadRequest]:
+                  tokenizer: TextTokenizer | None = None, num_prefixes: int = NUM_SHARED_PREFIXES,
+                  prefix_tokens: int = SHARED_PREFIX_LEN) -> list[WorkloadRequest]:
     """A named workload, or a ShareGPT file when workload is not one of WORKLOADS."""
     if workload in WORKLOADS:
         return synthesize(workload, num_requests, seed, max_output_tokens=max_output_tokens,
-                          tokenizer=tokenizer)
+                          tokenizer=tokenizer, num_prefixes=num_prefixes,
+                          prefix_tokens=prefix_tokens)
     return load_sharegpt(Path(workload), num_requests, seed, max_output_tokens=max_output_tokens,
                          tokenizer=tokenizer)
 

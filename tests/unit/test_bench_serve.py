@@ -4,6 +4,7 @@ streamed events, and the command line."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -65,6 +66,32 @@ def test_shared_prefix_uses_a_few_long_system_prompts():
         assert within(question, wl.SHARED_QUESTION)
         assert r.num_prompt_tokens == wl.SHARED_PREFIX_LEN + question
         assert within(r.max_tokens, wl.SHARED_OUTPUT)
+
+
+def test_every_prefix_serves_as_many_requests_in_a_seeded_order():
+    requests = wl.synthesize("shared-prefix", 64, seed=0, num_prefixes=8, prefix_tokens=1000)
+    first_seen = list(dict.fromkeys(r.system for r in requests))
+    assert len(first_seen) == 8 and {len(s.split()) for s in first_seen} == {1000}
+    assert {sum(r.system == s for r in requests) for s in first_seen} == {8}
+    assert all(r.num_prompt_tokens == 1000 + len(r.prompt.split()) for r in requests)
+    # shuffled, not in runs of one prefix (that would change prefix 7 times)
+    assert sum(a.system != b.system for a, b in itertools.pairwise(requests)) > 32
+    other = wl.synthesize("shared-prefix", 64, seed=1, num_prefixes=8, prefix_tokens=1000)
+    other_first_seen = list(dict.fromkeys(r.system for r in other))
+    assert ([first_seen.index(r.system) for r in requests]
+            != [other_first_seen.index(r.system) for r in other])  # another seed, another order
+
+
+def test_balanced_order_gives_the_remainder_to_the_first_groups():
+    import random
+
+    order = wl.balanced_order(10, 4, random.Random(0))
+    assert [order.count(g) for g in range(4)] == [3, 3, 2, 2]
+    assert order != sorted(order)
+    assert wl.balanced_order(2, 4, random.Random(0)) in ([0, 1], [1, 0])
+    assert wl.balanced_order(0, 3, random.Random(0)) == []
+    with pytest.raises(ValueError, match="num_prefixes must be > 0, got 0"):
+        wl.synthesize("shared-prefix", 4, seed=0, num_prefixes=0)
 
 
 def test_long_prompts_arrive_among_long_decodes():
@@ -306,7 +333,7 @@ def test_help(capsys):
     assert code == 0
     for word in ("--base-url", "--workload", "--num-requests", "--request-rate", "--concurrency",
                  "--seed", "--goodput", "--model", "--api-key", "--endpoint", "--tokenizer",
-                 "--max-output-tokens", "--no-ignore-eos", "--timeout", "--out", "--no-progress",
+                 "--max-output-tokens", "--num-prefixes", "--prefix-tokens", "--no-ignore-eos", "--timeout", "--out", "--no-progress",
                  "shared-prefix", "long-prompt", "mixed", "ShareGPT", "TTFT", "TPOT", "ITL",
                  "goodput", "BATON_API_KEY", "OPENAI_API_KEY"):
         assert word in out
@@ -339,13 +366,17 @@ def test_arguments_become_the_config(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "from-env")
     assert cli.main(["bench", "serve", "--workload", "mixed", "--num-requests", "5",
                      "--concurrency", "3", "--seed", "9", "--goodput", "ttft:200", "e2el:900",
-                     "--endpoint", "completions", "--no-ignore-eos"]) == 0
+                     "--endpoint", "completions", "--no-ignore-eos", "--num-prefixes", "8",
+                     "--prefix-tokens", "1000"]) == 0
     assert cli.main(["bench", "serve", "--api-key", "s3cret", "--request-rate", "2.5"]) == 0
     first, second = configs
     assert (first.workload, first.num_requests, first.concurrency, first.seed) == ("mixed", 5, 3, 9)
     assert first.request_rate == math.inf and first.api_key == "from-env"
     assert first.goodput_slos_ms == (("ttft", 200.0), ("e2el", 900.0))
     assert (first.endpoint, first.ignore_eos, first.model) == ("completions", False, None)
+    assert (first.num_prefixes, first.prefix_tokens) == (8, 1000)
+    assert (second.num_prefixes, second.prefix_tokens) == (wl.NUM_SHARED_PREFIXES,
+                                                           wl.SHARED_PREFIX_LEN)
     assert second.request_rate == 2.5 and second.concurrency is None
     assert second.api_key == "s3cret" and "s3cret" not in second.command
     assert second.command == "baton bench serve --api-key *** --request-rate 2.5"
